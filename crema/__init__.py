@@ -1,0 +1,3 @@
+"""CREMA: Contrastive Regularized Masked Autoencoder for 12-lead ECGs."""
+
+__version__ = "0.1.0"

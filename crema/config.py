@@ -1,0 +1,185 @@
+"""Validated configuration schemas (pydantic) and the YAML loader every stage uses.
+
+YAML values may reference environment variables as ``${VAR}`` or ``${VAR:-default}``, so one
+source file serves a laptop, CI and a cluster (``path: ${PTBXL_ROOT:-/data/ptb-xl}/records500``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crema.signals import LEADS, NormaliseOptions
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """An invalid or unreadable configuration: the only reason a stage refuses to start."""
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def expand_env(text: str) -> str:
+    def substitute(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is None:
+                raise ConfigError(f"environment variable {m.group(1)} is not set (referenced as {m.group(0)})")
+            return m.group(2)
+        return value
+    return _ENV_REF.sub(substitute, text)
+
+
+def join_uri(base: str, relative: str) -> str:
+    """Resolve `relative` against a local folder or an s3:// prefix (absolute paths pass through)."""
+    if "://" in relative or relative.startswith("/"):
+        return relative
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    return os.path.normpath(os.path.join(base, relative))
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: str | Path, model: type[M], overrides: dict | None = None) -> M:
+    """Read a YAML file into `model`, with env expansion and dotted-key overrides (`optim.lr=1e-3`)."""
+    try:
+        data = yaml.safe_load(expand_env(Path(path).read_text())) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {path}:\n{err}") from err
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings from the command line, values parsed as YAML scalars."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+class LabelMap(Schema):
+    """Maps raw codes to canonical ones via a lookup table (e.g. PTB-XL's scp_statements.csv)."""
+
+    table: str  # CSV, relative to the source path
+    key_column: str | None = None  # None: the table's first column (its index)
+    value_column: str  # the canonical code, e.g. diagnostic_class; a row with it empty maps to nothing
+    where: dict[str, float | int | str] = Field(default_factory=dict)  # keep rows with these values only
+    min_likelihood: float | None = None  # for dict-valued codes (SCP likelihoods); None keeps all
+
+
+class LabelTable(Schema):
+    table: str  # CSV, relative to the source path
+    record_column: str  # values matched to records by file stem (00001_hr) or by relative record id
+    label_column: str | None = None
+    label_format: Literal["dict", "list", "single"] = "dict"  # "{'NORM': 100.0}", "a;b", "a"
+    maps: list[LabelMap] = Field(default_factory=list)  # union of all maps; none keeps raw codes
+    patient_column: str | None = None
+    split_column: str | None = None
+    split_values: dict[str, list[int | str]] = Field(
+        default_factory=lambda: {"train": list(range(1, 9)), "val": [9], "test": [10]})
+
+    @field_validator("split_values")
+    @classmethod
+    def _known_splits(cls, v: dict) -> dict:
+        unknown = set(v) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"unknown split names {sorted(unknown)}; use train, val, test")
+        return v
+
+
+class HashSplit(Schema):
+    """Deterministic patient-level split when the source has no split column."""
+
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "HashSplit":
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave room for train")
+        return self
+
+
+class SourceConfig(Schema):
+    """One hospital source. Only `name`, `format` and `path` are required."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    format: str
+    path: str  # local folder or s3://bucket/prefix
+    records: str | None = None  # a RECORDS file or a CSV with a `record` column; default: walk the folder
+    labels: LabelTable | None = None
+    lead_aliases: dict[str, str] = Field(default_factory=dict)
+    units: str | None = None  # overrides the file's units (for formats that lack them)
+    fs: float | None = Field(None, gt=0)  # sampling rate, for formats that lack one
+    hash_split: HashSplit = Field(default_factory=HashSplit)
+    storage_options: dict = Field(default_factory=dict)  # fsspec options, e.g. client_kwargs.endpoint_url
+
+    @field_validator("lead_aliases")
+    @classmethod
+    def _alias_targets(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: t for k, t in v.items() if t not in LEADS}
+        if bad:
+            raise ValueError(f"lead_aliases must map to one of {LEADS}; got {bad}")
+        return v
+
+    def resolve(self, relative: str) -> str:
+        return join_uri(self.path, relative)
+
+
+class IngestConfig(Schema):
+    """How every source is normalised and windowed: one dataset has one rate and window length."""
+
+    target_fs: int = Field(500, gt=0, le=10_000)
+    window_s: float = Field(10.0, gt=0)
+    stride_s: float | None = Field(None, gt=0)  # default: window_s (no overlap)
+    pad_short: bool = False  # pad records shorter than a window (valid_samples marks the pad) instead of rejecting
+    dtype: Literal["float16", "float32"] = "float16"
+    min_leads: int = Field(8, ge=1, le=12)  # after derivation; fewer and the record is rejected
+    filter_low_hz: float | None = Field(None, gt=0)
+    filter_high_hz: float | None = Field(None, gt=0)
+    notch_hz: float | None = Field(None, gt=0)
+    max_reject_fraction: float = Field(0.5, ge=0, le=1)  # above this the job exits non-zero
+    max_record_seconds: float = Field(24 * 3600, gt=0)  # a header declaring more is hostile or broken
+    records_per_task: int = Field(64, ge=1)
+    row_group_bytes: int = Field(32 * 2**20, ge=2**16)
+    storage_options: dict = Field(default_factory=dict)  # fsspec options for the output URI
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * self.target_fs))
+
+    def normalise_options(self, source: SourceConfig) -> NormaliseOptions:
+        return NormaliseOptions(
+            target_fs=self.target_fs,
+            min_leads=self.min_leads,
+            lead_aliases=source.lead_aliases or None,
+            filter_low_hz=self.filter_low_hz,
+            filter_high_hz=self.filter_high_hz,
+            notch_hz=self.notch_hz,
+        )

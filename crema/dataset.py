@@ -1,0 +1,72 @@
+"""The canonical windows dataset: its Parquet schema, its layout, and how to read it back.
+
+Layout of an ingest output ``OUTPUT`` (local path or ``s3://``)::
+
+    OUTPUT/windows/source=<name>/split=<train|val|test>/<file>.parquet   one row per window
+    OUTPUT/manifest.parquet                                              one row per input record
+    OUTPUT/_staging/...                                                  in-flight writes, never read
+
+The manifest is written last and is the commit record: a source is part of the dataset once its
+rows are in the manifest. Paths beginning with ``_`` or ``.`` are ignored by pyarrow dataset readers,
+so an interrupted run leaves nothing a reader would take for data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from crema.signals import N_LEADS
+
+SPLITS = ("train", "val", "test")
+RECORD_STATUSES = ("ok", "rejected", "duplicate")
+
+
+def window_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
+    """One row per window. `signal` is the 12 x L matrix flattened row-major (lead by lead)."""
+    value_type = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
+    return pa.schema([
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("record_id", pa.string(), nullable=False),
+        pa.field("patient_key", pa.string(), nullable=False),
+        pa.field("window_index", pa.int32(), nullable=False),
+        pa.field("window_start", pa.int64(), nullable=False),  # first sample, at `fs`
+        pa.field("fs", pa.int32(), nullable=False),
+        pa.field("valid_samples", pa.int32(), nullable=False),  # < L only for a padded short record
+        pa.field("signal", pa.list_(value_type, N_LEADS * window_samples), nullable=False),
+        pa.field("lead_mask", pa.list_(pa.bool_(), N_LEADS), nullable=False),
+        pa.field("derived_mask", pa.list_(pa.bool_(), N_LEADS), nullable=False),
+        pa.field("labels", pa.list_(pa.string()), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ], metadata={"crema.window_samples": str(window_samples), "crema.leads": "I,II,III,aVR,aVL,aVF,V1-V6"})
+
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reason", pa.string()),
+    pa.field("detail", pa.string()),
+    pa.field("n_windows", pa.int32(), nullable=False),
+    pa.field("content_hash", pa.string()),
+])
+
+
+def decode_signals(column: pa.ChunkedArray | pa.Array | np.ndarray, window_samples: int | None = None) -> np.ndarray:
+    """The `signal` column as an (n, 12, L) array (zero-copy where the column is one chunk)."""
+    if isinstance(column, np.ndarray):
+        flat = np.stack(column) if column.dtype == object else column
+        return flat.reshape(len(flat), N_LEADS, -1)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), N_LEADS, window_samples or -1)
+
+
+def decode_masks(column: pa.ChunkedArray | pa.Array | np.ndarray) -> np.ndarray:
+    """A `lead_mask` / `derived_mask` column as an (n, 12) bool array."""
+    if isinstance(column, np.ndarray):
+        return (np.stack(column) if column.dtype == object else column).astype(bool).reshape(-1, N_LEADS)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(bool).reshape(len(column), N_LEADS)

@@ -1,0 +1,225 @@
+"""Canonical 12-lead ECG normalisation: lead order, units, sampling rate, filtering, windows.
+
+Every reader hands a :class:`RawRecord` (whatever leads, units and rate the file had) to
+:func:`to_canonical`, which returns a :class:`CanonicalRecord`: 12 leads in the fixed order
+:data:`LEADS`, in millivolts, at the target rate, with a lead mask saying which leads hold signal.
+:func:`windows` then cuts that into fixed-length windows. Nothing here knows about Ray or files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+from scipy import signal as sps
+
+LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+N_LEADS = len(LEADS)
+LEAD_INDEX = {name: i for i, name in enumerate(LEADS)}
+
+# Lower-cased, whitespace-free spellings seen in WFDB headers, XML exports and CSV columns.
+# Deliberately absent: "MLII"/"MLI"/"MLIII" (the modified limb leads of ambulatory Holter recordings,
+# Mason-Likar placement). Their morphology differs from the standard limb leads, so they are treated
+# as non-standard channels and dropped unless a source maps them explicitly (`lead_aliases: {MLII: II}`).
+_ALIASES: dict[str, str] = {
+    "i": "I", "ii": "II", "iii": "III",
+    "lead i": "I", "lead ii": "II", "lead iii": "III",
+    "avr": "aVR", "avl": "aVL", "avf": "aVF",
+    "-avr": "-aVR",
+    **{f"v{k}": f"V{k}" for k in range(1, 7)},
+    **{f"lead v{k}": f"V{k}" for k in range(1, 7)},
+}
+
+UNIT_TO_MV: dict[str, float] = {
+    "v": 1e3, "mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "nv": 1e-6,
+}
+
+# Above this absolute amplitude (mV) a lead is physiologically absurd: a surface ECG is a few mV,
+# pacing spikes and saturated amplifiers stay well under 50 mV.
+ABSURD_AMPLITUDE_MV = 50.0
+
+
+class RecordRejected(ValueError):
+    """A record that cannot become canonical windows. `reason` is a short stable code for the manifest."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class RawRecord:
+    """A record as a reader found it: one row per channel, in the channel's own unit."""
+
+    record_id: str
+    signal: np.ndarray  # (n_channels, n_samples), float
+    fs: float
+    channel_names: list[str]
+    units: list[str]
+    content_hash: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class CanonicalRecord:
+    record_id: str
+    signal: np.ndarray  # (12, n_samples) float32, mV
+    fs: int
+    lead_mask: np.ndarray  # (12,) bool: True where the lead holds recorded or derived signal
+    derived_mask: np.ndarray  # (12,) bool: True where the lead was derived from I and II
+
+
+def canonical_lead_name(name: str, aliases: dict[str, str] | None = None) -> str | None:
+    """Map a channel label to a canonical lead name, or None for a channel we drop."""
+    key = re.sub(r"\s+", " ", name.strip()).lower()
+    if aliases:
+        for alias, target in aliases.items():
+            if re.sub(r"\s+", " ", alias.strip()).lower() == key:
+                return target if target in LEAD_INDEX else None
+    return _ALIASES.get(key) or _ALIASES.get(key.replace(" ", ""))
+
+
+def unit_scale_to_mv(unit: str) -> float:
+    key = unit.strip().lower().replace("micro", "u")
+    if key in UNIT_TO_MV:
+        return UNIT_TO_MV[key]
+    raise RecordRejected("unknown_unit", f"cannot convert unit {unit!r} to mV")
+
+
+def select_leads(raw: RawRecord, aliases: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Place the raw channels into the 12 canonical slots (in mV). Returns (signal, present mask)."""
+    n = raw.signal.shape[1]
+    out = np.zeros((N_LEADS, n), dtype=np.float64)
+    present = np.zeros(N_LEADS, dtype=bool)
+    for row, (name, unit) in enumerate(zip(raw.channel_names, raw.units)):
+        lead = canonical_lead_name(name, aliases)
+        if lead is None:
+            continue  # Frank leads, rhythm strips, annotations, non-standard labels
+        sign = 1.0
+        if lead == "-aVR":
+            lead, sign = "aVR", -1.0
+        i = LEAD_INDEX[lead]
+        if present[i]:
+            continue  # a repeated lead (rhythm strip of II, say): keep the first
+        out[i] = sign * raw.signal[row] * unit_scale_to_mv(unit)
+        present[i] = True
+    return out, present
+
+
+def derive_limb_leads(sig: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Fill missing III/aVR/aVL/aVF from I and II (Einthoven/Goldberger), in place. Returns the derived mask."""
+    derived = np.zeros(N_LEADS, dtype=bool)
+    i, ii = LEAD_INDEX["I"], LEAD_INDEX["II"]
+    if not (present[i] and present[ii]):
+        return derived
+    formulas = {
+        "III": lambda a, b: b - a,
+        "aVR": lambda a, b: -(a + b) / 2,
+        "aVL": lambda a, b: a - b / 2,
+        "aVF": lambda a, b: b - a / 2,
+    }
+    for name, formula in formulas.items():
+        k = LEAD_INDEX[name]
+        if not present[k]:
+            sig[k] = formula(sig[i], sig[ii])
+            derived[k] = True
+    return derived
+
+
+def resample(sig: np.ndarray, fs_in: float, fs_out: int) -> np.ndarray:
+    """Polyphase resampling along the last axis (anti-aliased), exact for rational rate ratios."""
+    if abs(fs_in - fs_out) < 1e-9:
+        return sig
+    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
+    return sps.resample_poly(sig, ratio.numerator, ratio.denominator, axis=-1)
+
+
+def bandpass(sig: np.ndarray, fs: float, low_hz: float | None, high_hz: float | None,
+             notch_hz: float | None) -> np.ndarray:
+    """Zero-phase Butterworth band-pass (second-order sections) and an optional mains notch."""
+    nyquist = fs / 2
+    if low_hz or high_hz:
+        if low_hz and high_hz and high_hz < nyquist:
+            sos = sps.butter(4, [low_hz, high_hz], btype="bandpass", fs=fs, output="sos")
+        elif low_hz:
+            sos = sps.butter(4, low_hz, btype="highpass", fs=fs, output="sos")
+        else:
+            sos = sps.butter(4, min(high_hz, 0.99 * nyquist), btype="lowpass", fs=fs, output="sos")
+        sig = sps.sosfiltfilt(sos, sig, axis=-1)
+    if notch_hz and notch_hz < nyquist:
+        b, a = sps.iirnotch(notch_hz, Q=30.0, fs=fs)
+        sig = sps.filtfilt(b, a, sig, axis=-1)
+    return sig
+
+
+@dataclass(frozen=True)
+class NormaliseOptions:
+    target_fs: int = 500
+    min_leads: int = 8
+    lead_aliases: dict[str, str] | None = None
+    filter_low_hz: float | None = None
+    filter_high_hz: float | None = None
+    notch_hz: float | None = None
+
+
+def to_canonical(raw: RawRecord, opts: NormaliseOptions) -> CanonicalRecord:
+    """Lead order, units, derivation, rate, filter: the whole normalisation of one record."""
+    if raw.signal.ndim != 2 or raw.signal.shape[0] != len(raw.channel_names):
+        raise RecordRejected("inconsistent_shape",
+                             f"signal {raw.signal.shape} vs {len(raw.channel_names)} channel names")
+    if not np.isfinite(raw.fs) or raw.fs <= 0:
+        raise RecordRejected("bad_sampling_rate", f"fs={raw.fs}")
+    sig, present = select_leads(raw, opts.lead_aliases)
+    if present.sum() == 0:
+        raise RecordRejected("no_standard_leads", f"channels {raw.channel_names} hold none of {LEADS}")
+    derived = derive_limb_leads(sig, present)
+    lead_mask = present | derived
+    if lead_mask.sum() < opts.min_leads:
+        kept = [LEADS[k] for k in np.flatnonzero(lead_mask)]
+        raise RecordRejected(
+            "too_few_leads",
+            f"{lead_mask.sum()} of 12 canonical leads ({kept}) from channels {raw.channel_names}; "
+            f"min_leads={opts.min_leads}",
+        )
+    # NaN marks gaps in WFDB: a lead that is mostly missing is not signal.
+    nan_frac = np.isnan(sig[lead_mask]).mean(axis=1)
+    if (nan_frac > 0.5).any():
+        raise RecordRejected("missing_samples", f"a lead is more than half NaN ({nan_frac.max():.0%})")
+    sig = np.nan_to_num(sig, nan=0.0)
+    peak = np.abs(sig[lead_mask]).max(initial=0.0)
+    if peak > ABSURD_AMPLITUDE_MV:
+        raise RecordRejected("absurd_amplitude", f"peak |x| = {peak:.1f} mV > {ABSURD_AMPLITUDE_MV} mV")
+    if np.all(sig[lead_mask] == sig[lead_mask][:, :1]):
+        raise RecordRejected("flat_signal", "every present lead is constant")
+    sig = resample(sig, raw.fs, opts.target_fs)
+    if opts.filter_low_hz or opts.filter_high_hz or opts.notch_hz:
+        sig = bandpass(sig, opts.target_fs, opts.filter_low_hz, opts.filter_high_hz, opts.notch_hz)
+    sig[~lead_mask] = 0.0
+    return CanonicalRecord(raw.record_id, sig.astype(np.float32), opts.target_fs, lead_mask, derived)
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    start: int  # first sample, at the canonical rate
+    signal: np.ndarray  # (12, window_samples)
+    valid_samples: int  # < window_samples only for a padded short record
+
+
+def windows(rec: CanonicalRecord, window_s: float, stride_s: float | None = None,
+            pad_short: bool = False) -> list[Window]:
+    """Cut a canonical record into fixed-length windows; the tail that does not fill one is dropped."""
+    length = int(round(window_s * rec.fs))
+    stride = int(round((stride_s or window_s) * rec.fs))
+    n = rec.signal.shape[1]
+    if n < length:
+        if not pad_short:
+            raise RecordRejected("too_short", f"{n / rec.fs:.2f} s < one window of {window_s} s")
+        padded = np.zeros((N_LEADS, length), dtype=rec.signal.dtype)
+        padded[:, :n] = rec.signal
+        return [Window(0, 0, padded, n)]
+    return [Window(k, start, rec.signal[:, start:start + length], length)
+            for k, start in enumerate(range(0, n - length + 1, stride))]

@@ -1,0 +1,1 @@
+"""Thin Ray entrypoints, one per stage: `python -m pipelines.<stage>`."""
