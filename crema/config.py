@@ -88,7 +88,7 @@ class LabelMap(Schema):
 
     table: str  # CSV, relative to the source path
     key_column: str | None = None  # None: the table's first column (its index)
-    value_column: str  # the canonical code, e.g. diagnostic_class; a row with it empty maps to nothing
+    value_column: str | None = None  # the canonical code column (e.g. diagnostic_class); None: the key itself
     where: dict[str, float | int | str] = Field(default_factory=dict)  # keep rows with these values only
     min_likelihood: float | None = None  # for dict-valued codes (SCP likelihoods); None keeps all
 

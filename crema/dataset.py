@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
+from fsspec.core import url_to_fs
 
 from crema.signals import N_LEADS
 
@@ -39,6 +41,33 @@ def window_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
         pa.field("labels", pa.list_(pa.string()), nullable=False),
         pa.field("split", pa.string(), nullable=False),
     ], metadata={"crema.window_samples": str(window_samples), "crema.leads": "I,II,III,aVR,aVL,aVF,V1-V6"})
+
+
+PARTITION_COLUMNS = ("source", "split")
+
+
+def file_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
+    """The columns stored in each Parquet file: the partition columns live in the folder names (hive)."""
+    schema = window_schema(window_samples, dtype)
+    for name in PARTITION_COLUMNS:
+        schema = schema.remove(schema.get_field_index(name))
+    return schema
+
+
+# Explicit types: a source named "2024" must stay a string, not be inferred as an integer.
+HIVE_PARTITIONING = ds.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]), flavor="hive")
+
+
+def windows_uri(output: str) -> str:
+    return f"{output.rstrip('/')}/windows"
+
+
+def read_windows(output: str, columns: list[str] | None = None, filter=None,
+                 storage_options: dict | None = None) -> pa.Table:
+    """The windows dataset as one table (for tests, notebooks and small data; training streams it with Ray)."""
+    fs, root = url_to_fs(windows_uri(output), **(storage_options or {}))
+    dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning=HIVE_PARTITIONING)
+    return dataset.to_table(columns=columns, filter=filter)
 
 
 MANIFEST_SCHEMA = pa.schema([

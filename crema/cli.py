@@ -1,0 +1,45 @@
+"""The `crema` command: one subcommand per stage, each a thin wrapper over `pipelines.<stage>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipelines import ingest as ingest_stage
+
+app = typer.Typer(help="CREMA: 12-lead ECG foundation model pipeline on Ray.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Get data: the real PTB-XL, or a synthetic corpus.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+app.command("ingest")(ingest_stage.main)
+
+
+@data_app.command("download")
+def download(
+    dataset: Annotated[str, typer.Argument(help="Only 'ptbxl' for now")],
+    dest: Annotated[Path, typer.Option(help="Destination folder")],
+    base_url: Annotated[str, typer.Option(help="PhysioNet release URL")] = "https://physionet.org/files/ptb-xl/1.0.3/",
+    workers: int = 8,
+) -> None:
+    """Fetch a public dataset, resumable and checked against its SHA256SUMS."""
+    from crema.download import download_ptbxl
+
+    if dataset != "ptbxl":
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; known: ptbxl")
+    download_ptbxl(dest, base_url=base_url, workers=workers)
+
+
+@data_app.command("synthetic")
+def synthetic(
+    dest: Annotated[Path, typer.Option(help="Destination folder")],
+    n_records: int = 200,
+    seed: int = 0,
+) -> None:
+    """Write a small synthetic 12-lead corpus as real WFDB files, with labels and a source YAML."""
+    from crema.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(dest, n_records=n_records, seed=seed)
+    typer.echo(f"wrote {n_records} records and {dest / 'source.yaml'}")

@@ -1,0 +1,402 @@
+"""The ingest stage: hospital records → canonical windows in Parquet, every record accounted for.
+
+Three passes over each source, all Ray Data, all streaming:
+
+1. **plan** (driver): discover record ids, attach labels, pseudonymous patient keys and splits;
+2. **fingerprint** (tasks): hash each record's signal bytes, so byte-identical copies become
+   ``duplicate`` before any window is written, and an unchanged source can be skipped;
+3. **window** (tasks): read, normalise and window each record, written by :class:`WindowsDatasink`
+   into a staging folder that is swapped in only after every write task succeeded.
+
+The manifest (one row per discovered record: ``ok`` / ``rejected`` / ``duplicate``) is written last
+and is the commit record. Reject reasons are short stable codes; nothing escapes as a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from fsspec.core import url_to_fs
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from crema.config import IngestConfig, SourceConfig
+from crema.dataset import MANIFEST_SCHEMA, file_schema, window_schema
+from crema.labels import LabelIndex, pseudonym_key, pseudonymise
+from crema.signals import N_LEADS, RecordRejected, to_canonical, windows
+from crema.sources import Reader, reader_for
+
+WORK_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("record_id", pa.string()),
+    ("patient_key", pa.string()),
+    ("labels", pa.list_(pa.string())),
+    ("split", pa.string()),
+])
+MANIFEST_SOURCES_KEY = b"crema.sources"
+
+
+class IngestFailed(RuntimeError):
+    """The job ran to the end but rejected more records than the config allows."""
+
+
+@dataclass
+class SourceSummary:
+    name: str
+    discovered: int = 0
+    ok: int = 0
+    rejected: int = 0
+    duplicate: int = 0
+    windows: int = 0
+    skipped_unchanged: bool = False
+    unmatched_label_rows: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class IngestSummary:
+    output: str
+    sources: list[SourceSummary]
+    seconds: float
+
+    @property
+    def discovered(self) -> int:
+        return sum(s.discovered for s in self.sources)
+
+    @property
+    def rejected(self) -> int:
+        return sum(s.rejected for s in self.sources)
+
+    @property
+    def records_per_second(self) -> float:
+        return self.discovered / self.seconds if self.seconds else 0.0
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+def plan_source(source: SourceConfig, key: bytes) -> tuple[pa.Table, int]:
+    """Every record of the source with its labels, patient key and split; and unmatched label rows."""
+    reader = reader_for(source)
+    record_ids = reader.discover()
+    index = LabelIndex(source)
+    infos = [index.lookup(r) for r in record_ids]
+    table = pa.table({
+        "source": [source.name] * len(record_ids),
+        "record_id": record_ids,
+        "patient_key": [pseudonymise(i.patient_id, source.name, key) for i in infos],
+        "labels": [list(i.labels) for i in infos],
+        "split": [i.split for i in infos],
+    }, schema=WORK_SCHEMA)
+    return table, len(index.unmatched(record_ids)) if source.labels else 0
+
+
+# ---------------------------------------------------------------------------------- record tasks
+
+_READERS: dict[str, Reader] = {}
+
+
+def _reader(source: SourceConfig) -> Reader:
+    """One reader per source per worker process: filesystems and S3 sessions are costly to open."""
+    key = source.model_dump_json()
+    if key not in _READERS:
+        _READERS[key] = reader_for(source)
+    return _READERS[key]
+
+
+def fingerprint_batch(batch: pa.Table, sources: dict[str, SourceConfig]) -> pa.Table:
+    hashes, reasons, details = [], [], []
+    for source, record_id in zip(batch["source"].to_pylist(), batch["record_id"].to_pylist()):
+        try:
+            hashes.append(_reader(sources[source]).fingerprint(record_id))
+            reasons.append(None)
+            details.append(None)
+        except RecordRejected as err:
+            hashes.append(None)
+            reasons.append(err.reason)
+            details.append(err.detail)
+        except Exception as err:  # a reader bug must cost one record, not the job
+            hashes.append(None)
+            reasons.append("reader_error")
+            details.append(f"{type(err).__name__}: {err}")
+    return batch.append_column("content_hash", pa.array(hashes, pa.string())) \
+        .append_column("reason", pa.array(reasons, pa.string())) \
+        .append_column("detail", pa.array(details, pa.string()))
+
+
+def _staging_schema(cfg: IngestConfig) -> pa.Schema:
+    """Window columns (null for a record with no windows) plus the record's manifest fields."""
+    windows_part = [f.with_nullable(True) for f in window_schema(cfg.window_samples, cfg.dtype)]
+    return pa.schema(windows_part + [
+        pa.field("status", pa.string()), pa.field("reason", pa.string()), pa.field("detail", pa.string()),
+        pa.field("n_windows", pa.int32()), pa.field("content_hash", pa.string()),
+    ])
+
+
+def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig) -> pa.Table:
+    """Read, normalise and window a batch of records: one row per window, one row per rejected record."""
+    length = cfg.window_samples
+    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    columns: dict[str, list] = {name: [] for name in _staging_schema(cfg).names}
+    signals: list[np.ndarray] = []
+
+    def add_row(rec: dict, *, status: str, reason=None, detail=None, n_windows=0, window=None, masks=None):
+        for name in ("source", "record_id", "patient_key", "labels", "split", "content_hash"):
+            columns[name].append(rec[name])
+        columns["status"].append(status)
+        columns["reason"].append(reason)
+        columns["detail"].append(detail)
+        columns["n_windows"].append(n_windows)
+        columns["window_index"].append(window.index if window else None)
+        columns["window_start"].append(window.start if window else None)
+        columns["valid_samples"].append(window.valid_samples if window else None)
+        columns["fs"].append(cfg.target_fs if window else None)
+        columns["lead_mask"].append(masks[0] if window else None)
+        columns["derived_mask"].append(masks[1] if window else None)
+        signals.append(window.signal.astype(dtype).reshape(-1) if window else np.zeros(N_LEADS * length, dtype))
+
+    for rec in batch.to_pylist():
+        source = sources[rec["source"]]
+        try:
+            raw = _reader(source).read(rec["record_id"])
+            if raw.signal.shape[-1] > cfg.max_record_seconds * raw.fs:
+                raise RecordRejected("absurd_length", f"{raw.signal.shape[-1] / raw.fs:.0f} s")
+            canonical = to_canonical(raw, cfg.normalise_options(source))
+            cut = windows(canonical, cfg.window_s, cfg.stride_s, cfg.pad_short)
+        except RecordRejected as err:
+            add_row(rec, status="rejected", reason=err.reason, detail=err.detail)
+            continue
+        except Exception as err:  # corrupt input can break a library in ways nobody listed
+            add_row(rec, status="rejected", reason="unreadable", detail=f"{type(err).__name__}: {err}")
+            continue
+        masks = (canonical.lead_mask.tolist(), canonical.derived_mask.tolist())
+        for w in cut:
+            add_row(rec, status="ok", n_windows=len(cut), window=w, masks=masks)
+
+    schema = _staging_schema(cfg)
+    flat = pa.array(np.concatenate(signals) if signals else np.zeros(0, dtype))
+    arrays = []
+    for f in schema:
+        if f.name == "signal":
+            valid = pa.array([s == "ok" for s in columns["status"]])
+            signal = pa.FixedSizeListArray.from_arrays(flat, N_LEADS * length)
+            arrays.append(pc.if_else(valid, signal, pa.nulls(len(signal), signal.type)))
+        else:
+            arrays.append(pa.array(columns[f.name], f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ----------------------------------------------------------------------------------------- write
+
+class WindowsDatasink(Datasink[pa.Table]):
+    """Writes ok windows as Parquet under a staging folder; returns each task's manifest rows."""
+
+    def __init__(self, staging: str, cfg: IngestConfig):
+        self.staging = staging
+        self.cfg = cfg
+        self.manifest_parts: list[pa.Table] = []
+
+    @property
+    def min_bytes_per_write(self) -> int:
+        return self.cfg.row_group_bytes
+
+    def write(self, blocks: Iterable, ctx) -> pa.Table:
+        table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
+        fs, root = url_to_fs(self.staging, **self.cfg.storage_options)
+        schema = file_schema(self.cfg.window_samples, self.cfg.dtype)
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        row_bytes = N_LEADS * self.cfg.window_samples * (2 if self.cfg.dtype == "float16" else 4)
+        rows_per_group = max(1, self.cfg.row_group_bytes // row_bytes)
+        for source, split in set(zip(ok["source"].to_pylist(), ok["split"].to_pylist())):
+            part = ok.filter(pc.and_(pc.equal(ok["source"], source), pc.equal(ok["split"], split)))
+            part = part.select(schema.names).cast(schema)
+            folder = f"{root}/source={source}/split={split}"
+            fs.makedirs(folder, exist_ok=True)
+            path = f"{folder}/part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
+            pq.write_table(part, path, filesystem=fs, row_group_size=rows_per_group, compression="zstd")
+        first_row = pc.or_(pc.is_null(table["window_index"]), pc.equal(table["window_index"], 0))
+        return table.filter(first_row).select(MANIFEST_SCHEMA.names)
+
+    def on_write_complete(self, write_result) -> None:
+        self.manifest_parts = [t for t in write_result.write_returns if t is not None]
+
+
+# ----------------------------------------------------------------------------------------- commit
+
+def _config_fingerprint(source: SourceConfig, cfg: IngestConfig) -> str:
+    """What the windows of a source depend on, besides its bytes: changing any re-ingests it."""
+    relevant = cfg.model_dump(exclude={"max_reject_fraction", "records_per_task", "storage_options"})
+    blob = json.dumps([source.model_dump(exclude={"storage_options"}), relevant], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(output: str, storage_options: dict) -> pa.Table | None:
+    fs, root = url_to_fs(output, **storage_options)
+    path = f"{root.rstrip('/')}/manifest.parquet"
+    if not fs.exists(path):
+        return None
+    return pq.read_table(path, filesystem=fs)
+
+
+def _manifest_sources(manifest: pa.Table | None) -> dict[str, str]:
+    if manifest is None or not manifest.schema.metadata:
+        return {}
+    return json.loads(manifest.schema.metadata.get(MANIFEST_SOURCES_KEY, b"{}"))
+
+
+def _write_manifest(fs, root: str, table: pa.Table, sources: dict[str, str]) -> None:
+    table = table.replace_schema_metadata({MANIFEST_SOURCES_KEY: json.dumps(sources, sort_keys=True).encode()})
+    tmp = f"{root}/_manifest-{uuid.uuid4().hex[:8]}.parquet"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.mv(tmp, f"{root}/manifest.parquet")
+
+
+def _swap_in(fs, root: str, staging: str, source: str) -> None:
+    """Replace one source's windows by its freshly staged ones; other sources are not touched."""
+    live = f"{root}/windows/source={source}"
+    staged = f"{staging}/source={source}"
+    if fs.exists(live):
+        fs.rm(live, recursive=True)
+    if fs.exists(staged):
+        fs.mv(staged, live, recursive=True)
+
+
+# -------------------------------------------------------------------------------------- the stage
+
+def _as_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """One block per task-sized slice: a single block would run as a single task."""
+    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
+
+
+def _mark_duplicates(fingerprinted: pa.Table, known: dict[str, str]) -> pa.Table:
+    """First record with a given content hash wins (sources in order, records sorted); later copies are duplicates."""
+    seen = dict(known)
+    status, reason, detail = [], [], []
+    for source, record_id, content, why, what in zip(*(fingerprinted[c].to_pylist() for c in
+                                                       ("source", "record_id", "content_hash", "reason", "detail"))):
+        if why is not None:
+            status.append("rejected"), reason.append(why), detail.append(what)
+        elif content in seen:
+            status.append("duplicate"), reason.append("duplicate_content"), detail.append(f"same bytes as {seen[content]}")
+        else:
+            seen[content] = f"{source}/{record_id}"
+            status.append("pending"), reason.append(None), detail.append(None)
+    return fingerprinted.drop_columns(["reason", "detail"]).append_column("status", pa.array(status, pa.string())) \
+        .append_column("reason", pa.array(reason, pa.string())).append_column("detail", pa.array(detail, pa.string()))
+
+
+def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = None,
+           pseudonym: bytes | None = None) -> IngestSummary:
+    """Run the whole stage. Raises IngestFailed (after committing) when rejects exceed the allowed fraction."""
+    cfg = cfg or IngestConfig()
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names must be unique, got {names}")
+    key = pseudonym if pseudonym is not None else pseudonym_key()
+    started = time.perf_counter()
+    fs, root = url_to_fs(output, **cfg.storage_options)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    previous = read_manifest(output, cfg.storage_options)
+    previous_sources = _manifest_sources(previous)
+    by_name = {s.name: s for s in sources}
+
+    plans, summaries = [], {}
+    for source in sources:
+        table, unmatched = plan_source(source, key)
+        summaries[source.name] = SourceSummary(source.name, discovered=len(table), unmatched_label_rows=unmatched)
+        plans.append(table)
+    work = pa.concat_tables(plans)
+
+    fingerprinted = work
+    if len(work):
+        refs = _as_dataset(work, cfg.records_per_task * 4).map_batches(
+            fingerprint_batch, fn_kwargs={"sources": by_name}, batch_format="pyarrow", batch_size=None,
+        ).to_arrow_refs()
+        fingerprinted = pa.concat_tables(ray.get(refs))
+    fingerprinted = fingerprinted.sort_by([("source", "ascending"), ("record_id", "ascending")])
+    # Records of sources kept from earlier runs count as already seen.
+    known = {}
+    if previous is not None:
+        kept = previous.filter(pc.and_(pc.invert(pc.is_in(previous["source"], pa.array(names))),
+                                       pc.equal(previous["status"], "ok")))
+        known = {h: f"{s}/{r}" for s, r, h in zip(*(kept[c].to_pylist() for c in ("source", "record_id", "content_hash")))}
+    decided = _mark_duplicates(fingerprinted, known)
+
+    config_hashes = {s.name: _config_fingerprint(s, cfg) for s in sources}
+    unchanged = _unchanged_sources(previous, previous_sources, decided, config_hashes)
+    for name in unchanged:
+        summaries[name].skipped_unchanged = True
+    decided = decided.filter(pc.invert(pc.is_in(decided["source"], pa.array(sorted(unchanged), pa.string()))))
+
+    pending = decided.filter(pc.equal(decided["status"], "pending")).select(WORK_SCHEMA.names + ["content_hash"])
+    run_id = uuid.uuid4().hex[:12]
+    staging = f"{root}/_staging/{run_id}"
+    sink = WindowsDatasink(f"{output.rstrip('/')}/_staging/{run_id}", cfg)
+    if len(pending):
+        _as_dataset(pending, cfg.records_per_task).map_batches(
+            window_batch, fn_kwargs={"sources": by_name, "cfg": cfg}, batch_format="pyarrow", batch_size=None,
+        ).write_datasink(sink)
+    written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
+        else MANIFEST_SCHEMA.empty_table()
+    decided_rows = decided.filter(pc.not_equal(decided["status"], "pending"))
+    decided_rows = decided_rows.append_column("n_windows", pa.array(np.zeros(len(decided_rows), np.int32)))
+    manifest_new = pa.concat_tables([written, decided_rows.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)])
+    manifest_new = manifest_new.sort_by([("source", "ascending"), ("record_id", "ascending")])
+
+    for name in sorted(set(names) - unchanged):
+        _swap_in(fs, root, staging, name)
+    kept_rows = previous.filter(pc.invert(pc.is_in(previous["source"], pa.array(sorted(set(names) - unchanged))))) \
+        if previous is not None else MANIFEST_SCHEMA.empty_table()
+    manifest = pa.concat_tables([kept_rows.cast(MANIFEST_SCHEMA), manifest_new]) \
+        .sort_by([("source", "ascending"), ("record_id", "ascending")])
+    _write_manifest(fs, root, manifest, {**previous_sources, **config_hashes})
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+
+    for row in manifest_new.to_pylist():
+        summary = summaries[row["source"]]
+        setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+        summary.windows += row["n_windows"]
+        if row["status"] == "rejected":
+            summary.reasons[row["reason"]] += 1
+    for name in unchanged:
+        rows = previous.filter(pc.equal(previous["source"], name)).to_pylist()
+        s = summaries[name]
+        for row in rows:
+            setattr(s, row["status"], getattr(s, row["status"]) + 1)
+            s.windows += row["n_windows"]
+            if row["status"] == "rejected":
+                s.reasons[row["reason"]] += 1
+    summary = IngestSummary(output, list(summaries.values()), time.perf_counter() - started)
+    if summary.discovered and summary.rejected / summary.discovered > cfg.max_reject_fraction:
+        raise IngestFailed(f"{summary.rejected} of {summary.discovered} records rejected "
+                           f"(> max_reject_fraction={cfg.max_reject_fraction}); see {output}/manifest.parquet")
+    return summary
+
+
+def _unchanged_sources(previous: pa.Table | None, previous_sources: dict[str, str], decided: pa.Table,
+                       config_hashes: dict[str, str]) -> set[str]:
+    """Sources whose records, bytes and config equal the committed ones: re-ingesting them is a no-op."""
+    if previous is None:
+        return set()
+    unchanged = set()
+    for name, config_hash in config_hashes.items():
+        if previous_sources.get(name) != config_hash:
+            continue
+        before = previous.filter(pc.equal(previous["source"], name))
+        now = decided.filter(pc.equal(decided["source"], name))
+        if sorted(zip(before["record_id"].to_pylist(), before["content_hash"].to_pylist())) == \
+                sorted(zip(now["record_id"].to_pylist(), now["content_hash"].to_pylist())):
+            unchanged.add(name)
+    return unchanged
