@@ -25,11 +25,16 @@ def download(
     workers: int = 8,
 ) -> None:
     """Fetch a public dataset, resumable and checked against its SHA256SUMS."""
-    from crema.download import download_ptbxl
+    from crema.download import DownloadError, download_ptbxl
 
     if dataset != "ptbxl":
         raise typer.BadParameter(f"unknown dataset {dataset!r}; known: ptbxl")
-    download_ptbxl(dest, base_url=base_url, workers=workers)
+    try:
+        report = download_ptbxl(dest, base_url=base_url, workers=workers)
+    except DownloadError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1)
+    typer.echo(report.summary())
 
 
 @data_app.command("synthetic")

@@ -164,6 +164,9 @@ class IngestConfig(Schema):
     filter_low_hz: float | None = Field(None, gt=0)
     filter_high_hz: float | None = Field(None, gt=0)
     notch_hz: float | None = Field(None, gt=0)
+    # Byte-identical recordings (PTB-XL itself holds a few pairs) are kept once; the copies are
+    # `duplicate` in the manifest. False keeps every copy as `ok`, noting the twin in `detail`.
+    drop_duplicates: bool = True
     max_reject_fraction: float = Field(0.5, ge=0, le=1)  # above this the job exits non-zero
     max_record_seconds: float = Field(24 * 3600, gt=0)  # a header declaring more is hostile or broken
     records_per_task: int = Field(64, ge=1)
@@ -183,3 +186,136 @@ class IngestConfig(Schema):
             filter_high_hz=self.filter_high_hz,
             notch_hz=self.notch_hz,
         )
+
+
+# ------------------------------------------------------------------------------------------- model
+
+# Sizes per preset: (embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads).
+# `tiny` trains on a laptop CPU in minutes; `base` matches ViT-B/MAE-B.
+MODEL_PRESETS: dict[str, tuple[int, int, int, int, int, int]] = {
+    "tiny": (192, 4, 3, 128, 2, 4),
+    "small": (384, 12, 6, 256, 4, 8),
+    "base": (768, 12, 12, 512, 8, 16),
+}
+
+
+class ModelConfig(Schema):
+    """The CREMA encoder/decoder architecture and the CR-MAE objective.
+
+    Explicit sizes override the `size` preset; :meth:`resolved` fills the rest in, and that resolved
+    form is what an encoder artifact stores, so it reloads identically even if presets change.
+    """
+
+    size: Literal["tiny", "small", "base"] = "tiny"
+    window_samples: int = Field(5000, gt=0)
+    patch_size: int = Field(125, gt=0)
+    embed_dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    decoder_embed_dim: int | None = Field(None, gt=0)
+    decoder_depth: int | None = Field(None, gt=0)
+    decoder_num_heads: int | None = Field(None, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    conv_stem: bool = False  # a small per-patch conv stem before the patch projection
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    drop_path: float = Field(0.0, ge=0, lt=1)  # stochastic depth of the last encoder block
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    mask_mode: Literal["independent", "time"] = "independent"
+    norm_target: bool = True  # reconstruct per-patch standardised targets (MAE's norm_pix_loss)
+    contrastive_weight: float = Field(0.1, ge=0)  # lambda; 0 is the plain MAE
+    temperature: float = Field(0.1, gt=0)  # tau of the NT-Xent loss
+    projection_dim: int = Field(128, gt=0)
+    positives: Literal["window", "record"] = "window"  # record: other windows of the same record too
+    augment: bool = True  # amplitude scaling and gaussian noise on the second contrastive view
+    augment_scale: float = Field(0.2, ge=0, lt=1)  # amplitude factor drawn from 1 +/- this
+    augment_noise_mv: float = Field(0.02, ge=0)  # std of the added gaussian noise, mV
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.window_samples % self.patch_size:
+            raise ValueError(f"window_samples={self.window_samples} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        r = self.resolved_sizes()
+        if r["embed_dim"] % r["num_heads"]:
+            raise ValueError(f"embed_dim={r['embed_dim']} is not divisible by num_heads={r['num_heads']}")
+        if r["decoder_embed_dim"] % r["decoder_num_heads"]:
+            raise ValueError(f"decoder_embed_dim={r['decoder_embed_dim']} is not divisible by "
+                             f"decoder_num_heads={r['decoder_num_heads']}")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per lead."""
+        return self.window_samples // self.patch_size
+
+    def resolved_sizes(self) -> dict[str, int]:
+        names = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+        return {name: getattr(self, name) or preset for name, preset in zip(names, MODEL_PRESETS[self.size])}
+
+    def resolved(self) -> "ModelConfig":
+        """This config with every size explicit."""
+        return self.model_copy(update=self.resolved_sizes())
+
+
+# ---------------------------------------------------------------------------------------- pretrain
+
+class PretrainData(Schema):
+    dataset: str  # an ingest OUTPUT (folder or s3://), holding windows/source=*/split=*/
+    batch_size: int = Field(64, ge=1)  # per worker and micro-batch; the global batch is × workers × accum_steps
+    shuffle_buffer: int = Field(2048, ge=0)  # rows in each worker's local shuffle buffer; 0: no shuffling
+    prefetch_batches: int = Field(2, ge=0)
+    storage_options: dict = Field(default_factory=dict)  # fsspec options for reading the dataset's metadata
+
+
+class OptimConfig(Schema):
+    """AdamW with linear warm-up then cosine decay, stepped per optimiser step."""
+
+    lr: float = Field(1.5e-4, gt=0)  # peak
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the cosine ends at lr × this
+    weight_decay: float = Field(0.05, ge=0)  # not applied to biases, norms, tokens and embeddings
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    clip_grad: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser step
+
+
+class ScalingSettings(Schema):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class CheckpointSettings(Schema):
+    every_steps: int = Field(500, ge=1)  # plus one at the end of every epoch
+    num_to_keep: int | None = Field(3, ge=1)
+
+
+class TrackingSettings(Schema):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "crema-pretrain"
+    log_every_steps: int = Field(10, ge=1)
+
+
+class ChaosSettings(Schema):
+    """Failure drills: prove that a lost worker costs at most `checkpoint.every_steps` steps."""
+
+    exit_after_step: int | None = Field(None, ge=1)  # the last rank dies (os._exit) after this step,
+    # in an attempt that started without a checkpoint, like a worker lost to an OOM kill or a preemption
+
+
+class PretrainConfig(Schema):
+    """One CR-MAE pretraining job. `name` is both the Ray run and the MLflow run: same name, same run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str  # checkpoints and the encoder artifact: a local folder or s3://bucket/prefix
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint; -1: unlimited
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: PretrainData
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    chaos: ChaosSettings = Field(default_factory=ChaosSettings)

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
@@ -106,11 +107,14 @@ def plan_source(source: SourceConfig, key: bytes) -> tuple[pa.Table, int]:
 _READERS: dict[str, Reader] = {}
 
 
-def _reader(source: SourceConfig) -> Reader:
+def _reader(source: SourceConfig, max_record_seconds: float | None = None) -> Reader:
     """One reader per source per worker process: filesystems and S3 sessions are costly to open."""
-    key = source.model_dump_json()
+    key = f"{source.model_dump_json()}|{max_record_seconds}"
     if key not in _READERS:
-        _READERS[key] = reader_for(source)
+        reader = reader_for(source)
+        if max_record_seconds is not None:
+            reader.max_record_seconds = max_record_seconds  # refuse absurd headers before allocating
+        _READERS[key] = reader
     return _READERS[key]
 
 
@@ -168,9 +172,7 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
     for rec in batch.to_pylist():
         source = sources[rec["source"]]
         try:
-            raw = _reader(source).read(rec["record_id"])
-            if raw.signal.shape[-1] > cfg.max_record_seconds * raw.fs:
-                raise RecordRejected("absurd_length", f"{raw.signal.shape[-1] / raw.fs:.0f} s")
+            raw = _reader(source, cfg.max_record_seconds).read(rec["record_id"])
             canonical = to_canonical(raw, cfg.normalise_options(source))
             cut = windows(canonical, cfg.window_s, cfg.stride_s, cfg.pad_short)
         except RecordRejected as err:
@@ -181,7 +183,7 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
             continue
         masks = (canonical.lead_mask.tolist(), canonical.derived_mask.tolist())
         for w in cut:
-            add_row(rec, status="ok", n_windows=len(cut), window=w, masks=masks)
+            add_row(rec, status="ok", detail=rec["detail"], n_windows=len(cut), window=w, masks=masks)
 
     schema = _staging_schema(cfg)
     flat = pa.array(np.concatenate(signals) if signals else np.zeros(0, dtype))
@@ -224,7 +226,8 @@ class WindowsDatasink(Datasink[pa.Table]):
             fs.makedirs(folder, exist_ok=True)
             path = f"{folder}/part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
             pq.write_table(part, path, filesystem=fs, row_group_size=rows_per_group, compression="zstd")
-        first_row = pc.or_(pc.is_null(table["window_index"]), pc.equal(table["window_index"], 0))
+        # Kleene "or": a rejected record's null window_index must count as true, not as null.
+        first_row = pc.or_kleene(pc.is_null(table["window_index"]), pc.equal(table["window_index"], 0))
         return table.filter(first_row).select(MANIFEST_SCHEMA.names)
 
     def on_write_complete(self, write_result) -> None:
@@ -267,8 +270,14 @@ def _swap_in(fs, root: str, staging: str, source: str) -> None:
     staged = f"{staging}/source={source}"
     if fs.exists(live):
         fs.rm(live, recursive=True)
-    if fs.exists(staged):
-        fs.mv(staged, live, recursive=True)
+    if not fs.exists(staged):
+        return
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(staged, live, recursive=True)  # one rename
+    else:  # object stores have no rename: copy each object, then drop the staged ones
+        for path in fs.find(staged):
+            fs.copy(path, live + path[len(staged):])
+        fs.rm(staged, recursive=True)
 
 
 # -------------------------------------------------------------------------------------- the stage
@@ -278,8 +287,9 @@ def _as_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
 
 
-def _mark_duplicates(fingerprinted: pa.Table, known: dict[str, str]) -> pa.Table:
-    """First record with a given content hash wins (sources in order, records sorted); later copies are duplicates."""
+def _mark_duplicates(fingerprinted: pa.Table, known: dict[str, str], drop: bool) -> pa.Table:
+    """First record with a given content hash wins (sources in order, records sorted); later copies are
+    duplicates, or, with `drop` off, kept with their twin named in `detail`."""
     seen = dict(known)
     status, reason, detail = [], [], []
     for source, record_id, content, why, what in zip(*(fingerprinted[c].to_pylist() for c in
@@ -287,7 +297,9 @@ def _mark_duplicates(fingerprinted: pa.Table, known: dict[str, str]) -> pa.Table
         if why is not None:
             status.append("rejected"), reason.append(why), detail.append(what)
         elif content in seen:
-            status.append("duplicate"), reason.append("duplicate_content"), detail.append(f"same bytes as {seen[content]}")
+            status.append("duplicate" if drop else "pending")
+            reason.append("duplicate_content" if drop else None)
+            detail.append(f"same bytes as {seen[content]}")
         else:
             seen[content] = f"{source}/{record_id}"
             status.append("pending"), reason.append(None), detail.append(None)
@@ -331,7 +343,7 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
         kept = previous.filter(pc.and_(pc.invert(pc.is_in(previous["source"], pa.array(names))),
                                        pc.equal(previous["status"], "ok")))
         known = {h: f"{s}/{r}" for s, r, h in zip(*(kept[c].to_pylist() for c in ("source", "record_id", "content_hash")))}
-    decided = _mark_duplicates(fingerprinted, known)
+    decided = _mark_duplicates(fingerprinted, known, cfg.drop_duplicates)
 
     config_hashes = {s.name: _config_fingerprint(s, cfg) for s in sources}
     unchanged = _unchanged_sources(previous, previous_sources, decided, config_hashes)
@@ -339,7 +351,7 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
         summaries[name].skipped_unchanged = True
     decided = decided.filter(pc.invert(pc.is_in(decided["source"], pa.array(sorted(unchanged), pa.string()))))
 
-    pending = decided.filter(pc.equal(decided["status"], "pending")).select(WORK_SCHEMA.names + ["content_hash"])
+    pending = decided.filter(pc.equal(decided["status"], "pending")).select(WORK_SCHEMA.names + ["content_hash", "detail"])
     run_id = uuid.uuid4().hex[:12]
     staging = f"{root}/_staging/{run_id}"
     sink = WindowsDatasink(f"{output.rstrip('/')}/_staging/{run_id}", cfg)
@@ -349,40 +361,46 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
         ).write_datasink(sink)
     written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
         else MANIFEST_SCHEMA.empty_table()
+    written = _account_for_lost(pending, written)
     decided_rows = decided.filter(pc.not_equal(decided["status"], "pending"))
     decided_rows = decided_rows.append_column("n_windows", pa.array(np.zeros(len(decided_rows), np.int32)))
     manifest_new = pa.concat_tables([written, decided_rows.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)])
-    manifest_new = manifest_new.sort_by([("source", "ascending"), ("record_id", "ascending")])
 
-    for name in sorted(set(names) - unchanged):
+    rewritten = pa.array(sorted(set(names) - unchanged), pa.string())
+    for name in rewritten.to_pylist():
         _swap_in(fs, root, staging, name)
-    kept_rows = previous.filter(pc.invert(pc.is_in(previous["source"], pa.array(sorted(set(names) - unchanged))))) \
+    kept_rows = previous.filter(pc.invert(pc.is_in(previous["source"], rewritten))).cast(MANIFEST_SCHEMA) \
         if previous is not None else MANIFEST_SCHEMA.empty_table()
-    manifest = pa.concat_tables([kept_rows.cast(MANIFEST_SCHEMA), manifest_new]) \
-        .sort_by([("source", "ascending"), ("record_id", "ascending")])
+    manifest = pa.concat_tables([kept_rows, manifest_new]).sort_by([("source", "ascending"), ("record_id", "ascending")])
     _write_manifest(fs, root, manifest, {**previous_sources, **config_hashes})
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
 
-    for row in manifest_new.to_pylist():
-        summary = summaries[row["source"]]
-        setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
-        summary.windows += row["n_windows"]
+    these_sources = manifest.filter(pc.is_in(manifest["source"], pa.array(names, pa.string())))
+    for row in these_sources.to_pylist():
+        counts = summaries[row["source"]]
+        setattr(counts, row["status"], getattr(counts, row["status"]) + 1)
+        counts.windows += row["n_windows"]
         if row["status"] == "rejected":
-            summary.reasons[row["reason"]] += 1
-    for name in unchanged:
-        rows = previous.filter(pc.equal(previous["source"], name)).to_pylist()
-        s = summaries[name]
-        for row in rows:
-            setattr(s, row["status"], getattr(s, row["status"]) + 1)
-            s.windows += row["n_windows"]
-            if row["status"] == "rejected":
-                s.reasons[row["reason"]] += 1
+            counts.reasons[row["reason"]] += 1
     summary = IngestSummary(output, list(summaries.values()), time.perf_counter() - started)
     if summary.discovered and summary.rejected / summary.discovered > cfg.max_reject_fraction:
         raise IngestFailed(f"{summary.rejected} of {summary.discovered} records rejected "
                            f"(> max_reject_fraction={cfg.max_reject_fraction}); see {output}/manifest.parquet")
     return summary
+
+
+def _account_for_lost(pending: pa.Table, written: pa.Table) -> pa.Table:
+    """Every record sent to the window pass must come back in the manifest; one that did not (a worker
+    killed and not retried, say) is recorded as rejected rather than silently missing."""
+    done = set(zip(written["source"].to_pylist(), written["record_id"].to_pylist()))
+    lost = [row for row in pending.select(["source", "record_id", "content_hash"]).to_pylist()
+            if (row["source"], row["record_id"]) not in done]
+    if not lost:
+        return written
+    rows = [{**row, "status": "rejected", "reason": "not_processed",
+             "detail": "no result came back from the window pass", "n_windows": 0} for row in lost]
+    return pa.concat_tables([written, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)])
 
 
 def _unchanged_sources(previous: pa.Table | None, previous_sources: dict[str, str], decided: pa.Table,

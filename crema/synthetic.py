@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import wfdb
 import yaml
+from scipy.special import expit
 
 from crema.config import LabelTable, SourceConfig
 from crema.signals import LEADS
@@ -67,7 +68,6 @@ class _Patient:
     condition: str
     amplitude: np.ndarray  # (8 recorded leads, 7 waves) mV
     pr_s: float
-    territory: str
 
 
 def _allocate_patients(n_records: int, rng: np.random.Generator) -> list[tuple[str, int]]:
@@ -96,14 +96,14 @@ def _make_patient(index: int, condition: str, rng: np.random.Generator) -> _Pati
         for lead in ("V1", "V2", "V3"):  # secondary repolarisation change: discordant T
             amplitude[rows[lead], _WAVES.index("T")] = -abs(amplitude[rows[lead], _WAVES.index("T")]) * 0.6
     if condition == "MI":
-        elevation = rng.uniform(0.15, 0.35)
+        elevation = rng.uniform(0.2, 0.4)
         for i, lead in enumerate(_RECORDED):
             weight = _ST_TERRITORY[territory][lead]
             amplitude[i, _WAVES.index("ST")] = elevation * weight
             if weight >= 0.8:  # infarcted wall: pathological Q, lost R
                 amplitude[i, _WAVES.index("Q")] -= rng.uniform(0.2, 0.4)
                 amplitude[i, _WAVES.index("R")] *= 0.6
-    return _Patient(f"P{index:04d}", condition, amplitude, float(rng.uniform(0.14, 0.19)), territory)
+    return _Patient(f"P{index:04d}", condition, amplitude, float(rng.uniform(0.14, 0.19)))
 
 
 def _r_peak_times(rhythm: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -121,10 +121,15 @@ def _r_peak_times(rhythm: str, seconds: float, rng: np.random.Generator) -> np.n
     return np.array(times)
 
 
-def _gaussians(t: np.ndarray, centres: np.ndarray, width: np.ndarray | float, gain: np.ndarray) -> np.ndarray:
+def _gaussians(t: np.ndarray, centres: np.ndarray, width: float, gain: np.ndarray) -> np.ndarray:
     """Sum over beats of gain_k * exp(-(t - centre_k)^2 / 2 width^2), as one (n_samples,) curve."""
-    z = (t[None, :] - centres[:, None]) / np.atleast_1d(width)[:, None]
+    z = (t[None, :] - centres[:, None]) / width
     return gain @ np.exp(-0.5 * z * z)
+
+
+def _plateaus(t: np.ndarray, starts: np.ndarray, ends: np.ndarray, rise_s: float, fall_s: float) -> np.ndarray:
+    """Sum over beats of a step up at starts_k and a gentler step down at ends_k, as one (n_samples,) curve."""
+    return (expit((t[None, :] - starts[:, None]) / rise_s) * expit((ends[:, None] - t[None, :]) / fall_s)).sum(0)
 
 
 def _wave_basis(t: np.ndarray, r_times: np.ndarray, patient: _Patient, has_p: bool) -> np.ndarray:
@@ -133,24 +138,23 @@ def _wave_basis(t: np.ndarray, r_times: np.ndarray, patient: _Patient, has_p: bo
     qrs_stretch = 1.7 if patient.condition == "CD" else 1.0
     t_peak = 0.34 * np.sqrt(rr) + (0.04 if patient.condition == "CD" else 0.0)  # QT shortens with rate
     beat_gain = 1 + 0.04 * np.sin(2 * np.pi * r_times / 4.0)  # respiration modulates amplitude
-    timing = {
+    timing = {  # (offset from R, width) in seconds
         "P": (-patient.pr_s, 0.022),
         "Q": (-0.022 * qrs_stretch, 0.008 * qrs_stretch),
         "R": (0.0, 0.010 * qrs_stretch),
         "S": (0.026 * qrs_stretch, 0.010 * qrs_stretch),
         "R2": (0.065, 0.016),
-        "ST": (None, None),
-        "T": (None, 0.05),
     }
     curves = []
     for wave in _WAVES:
-        offset, width = timing[wave]
+        if wave == "ST":  # from the J point (end of QRS) until it merges into the T wave
+            curves.append(_plateaus(t, r_times + 0.045 * qrs_stretch, r_times + t_peak, 0.006, 0.03))
+            continue
         if wave == "T":
-            centres, width = r_times + t_peak, np.full(len(r_times), width)
-        elif wave == "ST":  # a plateau from the J point merging into the T wave
-            centres, width = r_times + 0.55 * t_peak, 0.3 * t_peak
+            centres, width = r_times + t_peak, 0.05
         else:
-            centres, width = r_times + offset, np.full(len(r_times), width)
+            offset, width = timing[wave]
+            centres = r_times + offset
         gain = beat_gain * (0.0 if wave == "P" and not has_p else 1.0)
         curves.append(_gaussians(t, centres, width, gain))
     return np.stack(curves)
@@ -181,7 +185,7 @@ def _with_limb_leads(recorded: np.ndarray) -> np.ndarray:
 
 
 def _synthesize_record(patient: _Patient, rhythm: str, fs: int, seconds: float,
-                      rng: np.random.Generator) -> np.ndarray:
+                       rng: np.random.Generator) -> np.ndarray:
     """One recording of `patient` at `rhythm` (a key of _HEART_RATE_BPM): (12, n) float64 mV."""
     t = np.arange(int(round(fs * seconds))) / fs
     r_times = _r_peak_times(rhythm, seconds, rng)
@@ -241,27 +245,24 @@ def write_synthetic_corpus(dest: Path, n_records: int = 200, fs: int = 500, seco
     allocation_seed, order_seed, *patient_seeds = root.spawn(2 + n_records)
     allocation = _allocate_patients(n_records, np.random.default_rng(allocation_seed))
 
-    rows = []
+    # Record numbers are shuffled so a record's neighbours are not its siblings (as in a real export).
+    numbers = iter(np.random.default_rng(order_seed).permutation(n_records) + 1)
+    table = []
     for index, ((condition, n), patient_seed) in enumerate(zip(allocation, patient_seeds)):
         rng = np.random.default_rng(patient_seed)
         patient = _make_patient(index + 1, condition, rng)
         for _ in range(n):
             rhythm, labels = _record_labels(condition, rng)
-            rows.append((patient, rhythm, labels, _synthesize_record(patient, rhythm, fs, seconds, rng)))
-    # Interleave patients so a record's neighbours are not its siblings (as in a real export).
-    order = np.random.default_rng(order_seed).permutation(len(rows))
-
-    table = []
-    for number, row_index in enumerate(order, start=1):
-        patient, _, labels, signal = rows[row_index]
-        record = f"syn{number:05d}"
-        digital = np.clip(np.round(signal.T * ADC_GAIN_PER_MV), -32767, 32767).astype(np.int16)
-        wfdb.wrsamp(
-            record, fs=fs, units=["mV"] * len(LEADS), sig_name=list(LEADS), d_signal=digital,
-            fmt=["16"] * len(LEADS), adc_gain=[ADC_GAIN_PER_MV] * len(LEADS), baseline=[0] * len(LEADS),
-            write_dir=str(records_dir),
-        )
-        table.append({"record": record, "patient_id": patient.patient_id, "label": ";".join(labels)})
+            signal = _synthesize_record(patient, rhythm, fs, seconds, rng)
+            record = f"syn{next(numbers):05d}"
+            digital = np.clip(np.round(signal.T * ADC_GAIN_PER_MV), -32767, 32767).astype(np.int16)
+            wfdb.wrsamp(
+                record, fs=fs, units=["mV"] * len(LEADS), sig_name=list(LEADS), d_signal=digital,
+                fmt=["16"] * len(LEADS), adc_gain=[ADC_GAIN_PER_MV] * len(LEADS), baseline=[0] * len(LEADS),
+                write_dir=str(records_dir),
+            )
+            table.append({"record": record, "patient_id": patient.patient_id, "label": ";".join(labels)})
+    table.sort(key=lambda row: row["record"])
 
     with open(dest / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["record", "patient_id", "label"], lineterminator="\n")

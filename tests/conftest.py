@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -87,32 +89,54 @@ def ray_cluster(tmp_path_factory):
     """
     import psutil
 
+    import secrets
+
     gcs_port, dashboard_port = free_port(), free_port()
-    temp_dir = tmp_path_factory.mktemp("ray")
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    # Token authentication on, as on a real cluster; the job CLI presents the same token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        check=True, capture_output=True, timeout=180,
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+         # Every port free-picked: other Ray instances (the in-process test cluster) may hold the defaults.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
+        check=True, capture_output=True, timeout=180, env=env,
     )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    yield address
-    marker = f"{gcs_port}"
+    yield RayCluster(f"http://127.0.0.1:{dashboard_port}", env)
+
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(temp_dir) in cmdline or f"gcs_server_port={marker}" in cmdline or f":{marker}" in cmdline:
+        if temp_dir in cmdline or f"gcs_server_port={gcs_port}" in cmdline or f"127.0.0.1:{gcs_port}" in cmdline:
             try:
                 proc.kill()
             except psutil.Error:
                 pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit_job(address: str, entrypoint: list[str], env_vars: dict[str, str], timeout: int = 600):
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # the dashboard URL that `ray job submit --address` takes
+    cli_env: dict  # environment for the `ray` CLI (carries the cluster's auth token)
+
+
+def submit_job(cluster: RayCluster, entrypoint: list[str], env_vars: dict[str, str], timeout: int = 600):
     """`ray job submit` exactly as a platform team runs it; returns the completed CLI process."""
     import json
 
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={address}",
-         f"--runtime-env-json={json.dumps({'env_vars': env_vars})}", "--", *entrypoint],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )
+    deadline = time.time() + 90
+    while True:
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={cluster.address}",
+             f"--runtime-env-json={json.dumps({'env_vars': env_vars})}", "--", *entrypoint],
+            capture_output=True, text=True, timeout=timeout, cwd=REPO, env=cluster.cli_env,
+        )
+        # A fresh head node answers before its job agent is up; a real user would retry too.
+        if "No available agent" not in result.stderr or time.time() > deadline:
+            return result
+        time.sleep(3)

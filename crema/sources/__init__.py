@@ -46,6 +46,8 @@ class Reader(ABC):
     """
 
     format: ClassVar[str]
+    # A record declaring more than this is hostile or broken; ingest sets it from IngestConfig.
+    max_record_seconds: float = 24 * 3600
 
     def __init__(self, source: SourceConfig):
         self.source = source

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class NumpyReader(Reader):
             signal, names, fs = self._load_npz(data)
         else:
             signal, names, fs = self._load_array(data, "signal"), None, None
+        stored_shape = list(signal.shape)
         signal = self._channels_first(signal, names)
         if names is None:
             if signal.shape[0] != N_LEADS:
@@ -67,10 +69,10 @@ class NumpyReader(Reader):
         return RawRecord(
             record_id=record_id,
             signal=signal,
-            fs=fs,
+            fs=float(fs),
             channel_names=names,
             units=[self.source.units or "mV"] * len(names),
-            meta={"shape": list(signal.shape)},
+            meta={"stored_shape": stored_shape},
         )
 
     def _path(self, record_id: str) -> str:
@@ -81,16 +83,17 @@ class NumpyReader(Reader):
         raise RecordRejected("missing_file", f"{record_id} with none of {EXTENSIONS}")
 
     @staticmethod
-    def _load_array(data: bytes | io.IOBase, what: str) -> np.ndarray:
+    def _load_array(data: bytes, what: str) -> np.ndarray:
+        if not data.startswith(np.lib.format.MAGIC_PREFIX):
+            raise RecordRejected("unreadable", f"{what} is not a .npy array")
         try:
-            array = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+            array = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as err:
+            # Only a pickled (object) array needs pickle, and unpickling runs code from the file.
             reason = "pickled_object" if "allow_pickle" in str(err) else "unreadable"
             raise RecordRejected(reason, f"{what}: {err}") from None
         except (OSError, EOFError) as err:
             raise RecordRejected("unreadable", f"{what}: {err}") from None
-        if not isinstance(array, np.ndarray):
-            raise RecordRejected("unreadable", f"{what} is not a single array")
         return array
 
     def _load_npz(self, data: bytes) -> tuple[np.ndarray, list[str] | None, float | None]:
@@ -111,7 +114,7 @@ class NumpyReader(Reader):
                 try:
                     with archive.open(key + ".npy") as f:
                         return self._load_array(f.read(), key)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
+                except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
                     raise RecordRejected("unreadable", f"{key}: {err}") from None
 
             signal = load("signal")

@@ -49,7 +49,6 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RX_FS = re.compile(r"(?P<fs>\d+\.?\d*|\.\d+)(?:/(?P<counter>-?\d*\.?\d*))?(?:\((?P<base>-?\d*\.?\d*)\))?")
 _RX_FORMAT = re.compile(r"(?P<fmt>\d+)(?:x(?P<spf>\d+))?(?::(?P<skew>\d+))?(?:\+(?P<offset>\d+))?")
 _RX_GAIN = re.compile(rf"(?P<gain>{_NUMBER})?(?:\((?P<baseline>-?\d+)\))?(?:/(?P<units>\S*))?")
-_RX_INT = re.compile(r"[-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -75,9 +74,10 @@ class _Header:
 
 
 def _int_field(token: str, what: str) -> int:
-    if not _RX_INT.fullmatch(token):
-        raise RecordRejected("bad_header", f"{what} {token!r} is not an integer")
-    return int(token)
+    try:
+        return int(token)
+    except ValueError:
+        raise RecordRejected("bad_header", f"{what} {token!r} is not an integer") from None
 
 
 def parse_header(text: str) -> _Header:
@@ -89,7 +89,7 @@ def parse_header(text: str) -> _Header:
     record = lines[0].split()
     if len(record) < 2:
         raise RecordRejected("bad_header", "record line has no signal count")
-    name, _, n_segments = record[0].partition("/")
+    n_segments = record[0].partition("/")[2]
     n_signals = _int_field(record[1], "number of signals")
     fs = None
     if len(record) > 2:
@@ -136,6 +136,8 @@ def _parse_signal_line(line: str) -> _Signal:
             raise RecordRejected("bad_header", f"ADC gain {fields[2]!r} is not a number")
         if g["gain"] is not None:
             gain = float(g["gain"]) or WFDB_DEFAULT_GAIN  # WFDB: a gain of 0 means the default
+            if not math.isfinite(gain):
+                raise RecordRejected("bad_header", f"ADC gain {fields[2]!r} is not finite")
         if g["baseline"] is not None:
             baseline = int(g["baseline"])
         units = g["units"] or WFDB_DEFAULT_UNITS
@@ -226,9 +228,6 @@ def _decode(data: bytes, fmt: str, offset: int, n_values: int) -> np.ndarray:
 class WfdbReader(Reader):
     format = "wfdb"
 
-    # A header declaring more than this is hostile or broken (IngestConfig.max_record_seconds's default).
-    max_record_seconds: float = 24 * 3600
-
     def discover(self) -> list[str]:
         listed = self.listed_records()
         if listed is not None:
@@ -256,6 +255,7 @@ class WfdbReader(Reader):
                 "absurd_length",
                 f"{header.n_samples} samples at {fs} Hz is more than {self.max_record_seconds:.0f} s")
         if header.segments:
+            self._named_files(record_id, header)  # the segment names' guards, before wfdb opens them
             return self._read_with_wfdb(record_id, header, fs)
         if header.n_signals == 0:
             raise RecordRejected("no_signals", "the header declares no signals")
@@ -309,7 +309,7 @@ class WfdbReader(Reader):
         return int((first_file_size() - first.byte_offset)
                    / (BYTES_PER_SAMPLE[first.fmt] * first.samples_per_frame))
 
-    def _check_length(self, header: _Header, file: _SignalFile, n_samples: int, size: int) -> None:
+    def _check_length(self, file: _SignalFile, n_samples: int, size: int) -> None:
         if file.fmt in COMPRESSED_FORMATS:
             return
         needed = file.byte_offset + _needed_bytes(file.fmt, n_samples * file.samples_per_frame)
@@ -343,18 +343,24 @@ class WfdbReader(Reader):
             contents[file.path] = data = self.read_bytes(file.path)
             if n_samples is None:
                 n_samples = self._n_samples(header, files, lambda: len(data))
-            self._check_length(header, file, n_samples, len(data))
+            self._check_length(file, n_samples, len(data))
 
         signal = np.empty((header.n_signals, n_samples), np.float64)
         for file in files:
             channels = list(file.channels)
             digital = _decode(contents[file.path], file.fmt, file.byte_offset, n_samples * len(channels))
             digital = digital.reshape(n_samples, len(channels)).T
-            baseline = np.array([header.signals[c].baseline for c in channels], np.float64)[:, None]
-            gain = np.array([header.signals[c].adc_gain for c in channels], np.float64)[:, None]
-            physical = (digital.astype(np.float64) - baseline) / gain
-            physical[digital == INVALID_SAMPLE[file.fmt]] = np.nan
-            signal[channels] = physical
+            contiguous = channels == list(range(channels[0], channels[0] + len(channels)))
+            rows = signal[channels[0]:channels[0] + len(channels)] if contiguous else np.empty(digital.shape)
+            # In place and in wfdb's order (subtract, then divide), so the values are bit-identical.
+            rows[:] = digital
+            rows -= np.array([header.signals[c].baseline for c in channels], np.float64)[:, None]
+            rows /= np.array([header.signals[c].adc_gain for c in channels], np.float64)[:, None]
+            invalid = digital == INVALID_SAMPLE[file.fmt]
+            if invalid.any():
+                rows[invalid] = np.nan
+            if not contiguous:
+                signal[channels] = rows
         return self._record(record_id, header, signal, fs,
                             [s.name for s in header.signals], [s.units for s in header.signals], "numpy")
 
@@ -386,7 +392,7 @@ class WfdbReader(Reader):
                 raise RecordRejected("file_too_large", f"{file.path.rsplit('/', 1)[-1]} is {size} bytes")
         n_samples = self._n_samples(header, files, lambda: sizes[files[0].path])
         for file in files:
-            self._check_length(header, file, n_samples, sizes[file.path])
+            self._check_length(file, n_samples, sizes[file.path])
 
     def _read_with_wfdb(self, record_id: str, header: _Header, fs: float) -> RawRecord:
         import wfdb  # imported here: pandas and matplotlib are slow to import and most records never need it

@@ -40,7 +40,9 @@ def superclass_counts(table) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def records500(ptbxl_root, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest500") / "dataset"
-    summary = ingest([ptbxl_source(ptbxl_root)], str(out), IngestConfig(), pseudonym=KEY)
+    # PTB-XL holds byte-identical recordings under different ids; keep them all here so that every
+    # record's labels count (test_duplicate_recordings_dropped_by_default covers the default policy).
+    summary = ingest([ptbxl_source(ptbxl_root)], str(out), IngestConfig(drop_duplicates=False), pseudonym=KEY)
     return out, summary
 
 
@@ -56,6 +58,25 @@ def test_every_record500_ingested_with_label_and_fold_counts(records500):
     assert manifest.num_rows == 500 and set(manifest["status"].to_pylist()) == {"ok"}
 
 
+def test_duplicate_recordings_dropped_by_default(ptbxl_root, ray_local, tmp_path):
+    import hashlib
+
+    folder = ptbxl_root / "records500/00000"
+    by_hash: dict[str, list[str]] = {}
+    for dat in sorted(folder.glob("*.dat")):
+        by_hash.setdefault(hashlib.sha256(dat.read_bytes()).hexdigest(), []).append(f"00000/{dat.stem}")
+    expected_duplicates = sorted(r for group in by_hash.values() for r in group[1:])
+    assert expected_duplicates, "the shared records500 is known to hold byte-identical pairs"
+
+    summary = ingest([ptbxl_source(ptbxl_root)], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
+    manifest = read_manifest(str(tmp_path / "ds"), {})
+    duplicates = manifest.filter(pc.equal(manifest["status"], "duplicate"))
+    assert sorted(duplicates["record_id"].to_pylist()) == expected_duplicates
+    assert summary.sources[0].ok == 500 - len(expected_duplicates)
+    windows = read_windows(str(tmp_path / "ds"), columns=["record_id"])
+    assert set(windows["record_id"].to_pylist()).isdisjoint(expected_duplicates)
+
+
 def test_windows_match_wfdb_in_float16(records500, ptbxl_root):
     out, _ = records500
     table = read_windows(str(out))
@@ -65,7 +86,7 @@ def test_windows_match_wfdb_in_float16(records500, ptbxl_root):
     assert signals.shape == (500, 12, 5000) and signals.dtype == np.float16 and masks.all()
     for record_id in table["record_id"].to_pylist()[::7]:
         ref = wfdb.rdrecord(str(ptbxl_root / "records500" / record_id))
-        assert ref.sig_name == list(LEADS)
+        assert [n.lower() for n in ref.sig_name] == [n.lower() for n in LEADS]
         got = signals[by_id[record_id]].astype(np.float32)
         np.testing.assert_allclose(got, ref.p_signal.T, atol=2e-3, rtol=1e-3)
 
@@ -89,7 +110,8 @@ def test_records100_resampled_labels_and_hash_split(ptbxl_root, ray_local, tmp_p
     labels["split_column"] = None  # force the patient-hash split
     source = ptbxl_source(ptbxl_root, "records100", name="ptbxl100", labels=labels,
                           hash_split=HashSplit(val=0.1, test=0.1).model_dump())
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(target_fs=500, dtype="float32"), pseudonym=KEY)
+    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(target_fs=500, dtype="float32", drop_duplicates=False),
+                     pseudonym=KEY)
     assert summary.sources[0].ok == 1999
     table = read_windows(str(tmp_path / "ds"))
     assert superclass_counts(table) == {"NORM": 1055, "STTC": 470, "CD": 412, "MI": 372, "HYP": 217}
@@ -142,14 +164,16 @@ def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, 
             shutil.copy(ptbxl_root / "records500/00000" / f"{name}.{ext}", src / f"{name}.{ext}")
     header = (src / "00001_hr.hea").read_text()
     dat = (src / "00001_hr.dat").read_bytes()
+    other_dat = (ptbxl_root / "records500/00000/00004_hr.dat").read_bytes()  # not a duplicate of a good record
     broken = {
         "garbled": ("this is not a header\n\x00\x01", None),
         "truncated": (header.replace("00001_hr", "truncated"), dat[: len(dat) // 3]),
         "missing_dat": (header.replace("00001_hr", "missing_dat"), None),
         "escape": (header.replace("00001_hr.dat", "../../../etc/passwd").replace("00001_hr", "escape"), None),
         "absurd_length": (header.replace("00001_hr 12 500 5000", "absurd_length 12 500 999999999999")
-                          .replace("00001_hr", "absurd_length"), dat),
-        "absurd_amplitude": (header.replace("1000.0(0)/mV", "0.001(0)/mV").replace("00001_hr", "absurd_amplitude"), dat),
+                          .replace("00001_hr", "absurd_length"), other_dat),
+        "absurd_amplitude": (header.replace("1000.0(0)/mV", "0.001(0)/mV").replace("00001_hr", "absurd_amplitude"),
+                             other_dat[:-2] + b"\x01\x00"),
         "flat": (header.replace("00001_hr", "flat"), bytes(len(dat))),
     }
     for name, (text, data) in broken.items():
@@ -192,7 +216,7 @@ def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, ra
         for i in ids:
             for ext in ("hea", "dat"):
                 (folder / f"{i:05d}_hr.{ext}").symlink_to(ptbxl_root / "records500/00000" / f"{i:05d}_hr.{ext}")
-        return ptbxl_source(ptbxl_root, name=name).model_copy(update={"path": str(folder)})
+        return SourceConfig(name=name, format="wfdb", path=str(folder))
 
     a, b = subset("a", range(1, 21)), subset("b", range(21, 41))
     out = str(tmp_path / "ds")

@@ -1,0 +1,55 @@
+"""A small windows dataset cut from real PTB-XL records, in the ingest stage's layout.
+
+Built directly (wfdb → crema.signals → Parquet) so the pretraining tests depend on the dataset
+contract only, not on the ingest job; PTB-XL's own folds give the splits (1-8 train, 9 val, 10 test).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import wfdb
+
+from crema.dataset import file_schema
+from crema.signals import NormaliseOptions, RawRecord, to_canonical, windows
+
+FOLD_SPLITS = {**{fold: "train" for fold in range(1, 9)}, 9: "val", 10: "test"}
+
+
+def write_ptbxl_windows(ptbxl_root: Path, out: Path, *, n_records: int, window_s: float = 2.0,
+                        target_fs: int = 500, dtype: str = "float16", source: str = "ptbxl") -> Path:
+    """Windows of the first `n_records` 500 Hz records into out/windows/source=…/split=…/part-0.parquet."""
+    db = pd.read_csv(ptbxl_root / "ptbxl_database.csv", index_col="ecg_id")
+    window_samples = int(round(window_s * target_fs))
+    schema = file_schema(window_samples, dtype)
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted((ptbxl_root / "records500").glob("*/*_hr.hea"))[:n_records]:
+        record = wfdb.rdrecord(str(path.with_suffix("")))
+        ecg_id = int(path.stem.split("_")[0])
+        meta = db.loc[ecg_id]
+        raw = RawRecord(path.stem, record.p_signal.T, record.fs, record.sig_name, record.units)
+        canonical = to_canonical(raw, NormaliseOptions(target_fs=target_fs))
+        for window in windows(canonical, window_s):
+            rows[FOLD_SPLITS[int(meta.strat_fold)]].append({
+                "record_id": path.stem,
+                "patient_key": str(int(meta.patient_id)),
+                "window_index": window.index,
+                "window_start": window.start,
+                "fs": target_fs,
+                "valid_samples": window.valid_samples,
+                "signal": window.signal.astype(np.float16 if dtype == "float16" else np.float32).ravel(),
+                "lead_mask": canonical.lead_mask.tolist(),
+                "derived_mask": canonical.derived_mask.tolist(),
+                "labels": sorted(ast.literal_eval(meta.scp_codes)),
+            })
+    for split, split_rows in rows.items():
+        folder = out / "windows" / f"source={source}" / f"split={split}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(split_rows, schema=schema), folder / "part-0.parquet")
+    return out
