@@ -4,7 +4,7 @@ A batch of the windows dataset (:mod:`crema.dataset`) becomes ``x`` (B, 12, L) f
 ``lead_mask`` (B, 12) bool and ``record_group`` (B,) int64. Windows cut from the same recording
 share a ``record_group``, which the contrastive loss treats as positives with ``positives: record``.
 
-The ``signal`` column is a fixed-size list; flattening its child array is a zero-copy view, so a
+The ``signal`` column is fixed-size binary; viewing its buffer is zero-copy, so a
 batch decodes with one float16→float32 cast and no per-row Python work besides hashing record ids.
 """
 
@@ -26,7 +26,7 @@ MODEL_COLUMNS = ["signal", "lead_mask", "source", "record_id"]
 
 def decode_window_batch(batch: pa.Table) -> dict[str, torch.Tensor]:
     """Arrow rows with MODEL_COLUMNS → {"x", "lead_mask", "record_group"} CPU tensors."""
-    signals = decode_signals(batch.column("signal"))
+    signals = decode_signals(batch)
     x = torch.from_numpy(signals.astype(np.float32))  # a copy: Arrow buffers are read-only
     lead_mask = torch.from_numpy(decode_masks(batch.column("lead_mask")))
     keys = [f"{s}/{r}" for s, r in zip(batch.column("source").to_pylist(), batch.column("record_id").to_pylist())]

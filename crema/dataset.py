@@ -24,9 +24,17 @@ SPLITS = ("train", "val", "test")
 RECORD_STATUSES = ("ok", "rejected", "duplicate")
 
 
+SIGNAL_DTYPE_KEY = b"crema.dtype"
+
+
 def window_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
-    """One row per window. `signal` is the 12 x L matrix flattened row-major (lead by lead)."""
-    value_type = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
+    """One row per window.
+
+    `signal` holds the 12 x L matrix, lead by lead, as little-endian float16/float32 bytes in one
+    fixed-size binary value (its dtype is in the field metadata). A list<float16> column would store
+    a repetition level per sample: measured 7x slower to write and 2.5x slower to read.
+    """
+    itemsize = np.dtype(dtype).itemsize
     return pa.schema([
         pa.field("source", pa.string(), nullable=False),
         pa.field("record_id", pa.string(), nullable=False),
@@ -35,7 +43,8 @@ def window_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
         pa.field("window_start", pa.int64(), nullable=False),  # first sample, at `fs`
         pa.field("fs", pa.int32(), nullable=False),
         pa.field("valid_samples", pa.int32(), nullable=False),  # < L only for a padded short record
-        pa.field("signal", pa.list_(value_type, N_LEADS * window_samples), nullable=False),
+        pa.field("signal", pa.binary(N_LEADS * window_samples * itemsize), nullable=False,
+                 metadata={SIGNAL_DTYPE_KEY: dtype.encode()}),
         pa.field("lead_mask", pa.list_(pa.bool_(), N_LEADS), nullable=False),
         pa.field("derived_mask", pa.list_(pa.bool_(), N_LEADS), nullable=False),
         pa.field("labels", pa.list_(pa.string()), nullable=False),
@@ -81,15 +90,19 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-def decode_signals(column: pa.ChunkedArray | pa.Array | np.ndarray, window_samples: int | None = None) -> np.ndarray:
-    """The `signal` column as an (n, 12, L) array (zero-copy where the column is one chunk)."""
-    if isinstance(column, np.ndarray):
-        flat = np.stack(column) if column.dtype == object else column
-        return flat.reshape(len(flat), N_LEADS, -1)
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(column), N_LEADS, window_samples or -1)
+def decode_signals(batch: pa.Table | pa.RecordBatch, column: str = "signal") -> np.ndarray:
+    """The signals of a batch as an (n, 12, L) array: a zero-copy view of one-chunk Arrow data."""
+    field = batch.schema.field(column)
+    metadata = field.metadata or {}
+    if SIGNAL_DTYPE_KEY not in metadata:
+        raise ValueError(f"column {column!r} carries no {SIGNAL_DTYPE_KEY.decode()} metadata: not a CREMA signal column")
+    dtype = np.dtype(metadata[SIGNAL_DTYPE_KEY].decode()).newbyteorder("<")
+    values = batch.column(column)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    width = field.type.byte_width
+    data = np.frombuffer(values.buffers()[1], dtype=np.uint8, count=len(values) * width, offset=values.offset * width)
+    return data.view(dtype).reshape(len(values), N_LEADS, -1)
 
 
 def decode_masks(column: pa.ChunkedArray | pa.Array | np.ndarray) -> np.ndarray:

@@ -167,7 +167,8 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
         columns["fs"].append(cfg.target_fs if window else None)
         columns["lead_mask"].append(masks[0] if window else None)
         columns["derived_mask"].append(masks[1] if window else None)
-        signals.append(window.signal.astype(dtype).reshape(-1) if window else np.zeros(N_LEADS * length, dtype))
+        signals.append(window.signal.astype("<" + np.dtype(dtype).str[1:]).reshape(-1) if window
+                       else np.zeros(N_LEADS * length, dtype))
 
     for rec in batch.to_pylist():
         source = sources[rec["source"]]
@@ -186,13 +187,13 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
             add_row(rec, status="ok", detail=rec["detail"], n_windows=len(cut), window=w, masks=masks)
 
     schema = _staging_schema(cfg)
-    flat = pa.array(np.concatenate(signals) if signals else np.zeros(0, dtype))
+    flat = np.concatenate(signals) if signals else np.zeros(0, dtype)
     arrays = []
     for f in schema:
         if f.name == "signal":
-            valid = pa.array([s == "ok" for s in columns["status"]])
-            signal = pa.FixedSizeListArray.from_arrays(flat, N_LEADS * length)
-            arrays.append(pc.if_else(valid, signal, pa.nulls(len(signal), signal.type)))
+            valid = np.array([s == "ok" for s in columns["status"]], dtype=bool)
+            arrays.append(pa.FixedSizeBinaryArray.from_buffers(
+                f.type, len(valid), [pa.py_buffer(np.packbits(valid, bitorder="little")), pa.py_buffer(flat)]))
         else:
             arrays.append(pa.array(columns[f.name], f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -207,10 +208,6 @@ class WindowsDatasink(Datasink[pa.Table]):
         self.staging = staging
         self.cfg = cfg
         self.manifest_parts: list[pa.Table] = []
-
-    @property
-    def min_bytes_per_write(self) -> int:
-        return self.cfg.row_group_bytes
 
     def write(self, blocks: Iterable, ctx) -> pa.Table:
         table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])

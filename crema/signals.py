@@ -184,15 +184,18 @@ def to_canonical(raw: RawRecord, opts: NormaliseOptions) -> CanonicalRecord:
             f"{lead_mask.sum()} of 12 canonical leads ({kept}) from channels {raw.channel_names}; "
             f"min_leads={opts.min_leads}",
         )
-    # NaN marks gaps in WFDB: a lead that is mostly missing is not signal.
-    nan_frac = np.isnan(sig[lead_mask]).mean(axis=1)
-    if (nan_frac > 0.5).any():
-        raise RecordRejected("missing_samples", f"a lead is more than half NaN ({nan_frac.max():.0%})")
-    sig = np.nan_to_num(sig, nan=0.0)
-    peak = np.abs(sig[lead_mask]).max(initial=0.0)
-    if peak > ABSURD_AMPLITUDE_MV:
-        raise RecordRejected("absurd_amplitude", f"peak |x| = {peak:.1f} mV > {ABSURD_AMPLITUDE_MV} mV")
-    if np.all(sig[lead_mask] == sig[lead_mask][:, :1]):
+    present_sig = sig[lead_mask]
+    if np.isnan(present_sig).any():
+        # NaN marks gaps in WFDB: a lead that is mostly missing is not signal.
+        nan_frac = np.isnan(present_sig).mean(axis=1)
+        if (nan_frac > 0.5).any():
+            raise RecordRejected("missing_samples", f"a lead is more than half NaN ({nan_frac.max():.0%})")
+        np.nan_to_num(sig, copy=False, nan=0.0)
+        present_sig = sig[lead_mask]
+    low, high = present_sig.min(initial=0.0), present_sig.max(initial=0.0)
+    if max(-low, high) > ABSURD_AMPLITUDE_MV:
+        raise RecordRejected("absurd_amplitude", f"peak |x| = {max(-low, high):.1f} mV > {ABSURD_AMPLITUDE_MV} mV")
+    if (present_sig.max(axis=1) == present_sig.min(axis=1)).all():
         raise RecordRejected("flat_signal", "every present lead is constant")
     sig = resample(sig, raw.fs, opts.target_fs)
     if opts.filter_low_hz or opts.filter_high_hz or opts.notch_hz:

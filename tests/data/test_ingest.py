@@ -81,7 +81,7 @@ def test_windows_match_wfdb_in_float16(records500, ptbxl_root):
     out, _ = records500
     table = read_windows(str(out))
     by_id = {r: i for i, r in enumerate(table["record_id"].to_pylist())}
-    signals = decode_signals(table["signal"])
+    signals = decode_signals(table)
     masks = decode_masks(table["lead_mask"])
     assert signals.shape == (500, 12, 5000) and signals.dtype == np.float16 and masks.all()
     for record_id in table["record_id"].to_pylist()[::7]:
@@ -119,7 +119,7 @@ def test_records100_resampled_labels_and_hash_split(ptbxl_root, ray_local, tmp_p
     assert per_patient.num_rows == 1857 and max(per_patient["split_count_distinct"].to_pylist()) == 1
     counts = Counter(table["split"].to_pylist())
     assert 0.7 < counts["train"] / 1999 < 0.9 and counts["val"] > 100 and counts["test"] > 100
-    signals = decode_signals(table["signal"])
+    signals = decode_signals(table)
     ids = table["record_id"].to_pylist()
     for k in range(0, 1999, 97):
         ref = wfdb.rdrecord(str(ptbxl_root / "records100" / ids[k])).p_signal.T
@@ -142,7 +142,7 @@ def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tm
     ref = wfdb.rdrecord(str(shared_data / "formats/wfdb/s0010_re"))
     expected = resample_poly(ref.p_signal[:, :12].T, 1, 2, axis=-1)[:, :5000]
     first = table.filter(pc.equal(table["window_index"], 0))
-    np.testing.assert_allclose(decode_signals(first["signal"])[0].astype(np.float32), expected, atol=5e-3, rtol=2e-3)
+    np.testing.assert_allclose(decode_signals(first)[0].astype(np.float32), expected, atol=5e-3, rtol=2e-3)
     assert summary.sources[0].windows == 3
 
     # With MLII mapped to II explicitly and a lower lead minimum, record 100 is kept and masked.
@@ -152,7 +152,7 @@ def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tm
     masks = decode_masks(table["lead_mask"])
     assert table.num_rows == 180  # 30 min 5.6 s at 10 s windows
     assert masks[0].tolist() == [lead in ("II", "V5") for lead in LEADS]
-    assert np.abs(decode_signals(table["signal"])[:, ~masks[0]]).max() == 0
+    assert np.abs(decode_signals(table)[:, ~masks[0]]).max() == 0
 
 
 def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, ray_local, tmp_path):
@@ -201,7 +201,7 @@ def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, 
     table = read_windows(str(tmp_path / "ds"))
     assert sorted(table["record_id"].to_pylist()) == good
     ref = wfdb.rdrecord(str(ptbxl_root / "records500/00000/00003_hr")).p_signal.T
-    got = decode_signals(table.filter(pc.equal(table["record_id"], "00003_hr"))["signal"])[0]
+    got = decode_signals(table.filter(pc.equal(table["record_id"], "00003_hr")))[0]
     np.testing.assert_allclose(got.astype(np.float32), ref, atol=2e-3, rtol=1e-3)
 
     with pytest.raises(IngestFailed, match="rejected"):

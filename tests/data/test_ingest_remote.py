@@ -44,7 +44,7 @@ def test_ingest_from_and_to_s3(s3_server, ptbxl_root, ray_local):
     assert sorted(r.split("/")[-1] for r in table["record_id"].to_pylist()) == ids
     k = table["record_id"].to_pylist().index("00000/00005_hr")
     ref = wfdb.rdrecord(str(ptbxl_root / "records500/00000/00005_hr")).p_signal.T
-    np.testing.assert_allclose(decode_signals(table["signal"])[k].astype(np.float32), ref, atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(decode_signals(table)[k].astype(np.float32), ref, atol=2e-3, rtol=1e-3)
     assert not s3.exists("hospital/out/_staging") or not s3.ls("hospital/out/_staging")
 
 
