@@ -64,10 +64,15 @@ def load_yaml(path: str | Path, model: type[M], overrides: dict | None = None) -
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return validate(model, data, str(path))
+
+
+def validate(model: type[M], data: dict, origin: str = "command line") -> M:
+    """`model` from plain data, with a ConfigError naming where the data came from."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid config {path}:\n{err}") from err
+        raise ConfigError(f"invalid config {origin}:\n{err}") from err
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from crema.config import ConfigError, IngestConfig, SourceConfig, load_yaml, parse_overrides
+from crema.config import ConfigError, IngestConfig, SourceConfig, load_yaml, parse_overrides, validate
 from crema.ingest import IngestFailed, IngestSummary, ingest
+from crema.labels import pseudonym_key
 from pipelines.common import init_ray
 
 console = Console()
@@ -44,10 +45,11 @@ def run(sources: list[Path], output: str, config: Optional[Path] = None, overrid
         pseudonym: bytes | None = None) -> IngestSummary:
     """Load and validate every config, then ingest. Raises ConfigError before any work on a bad config."""
     cfg = load_yaml(config, IngestConfig, parse_overrides(overrides or [])) if config else \
-        IngestConfig.model_validate(parse_overrides(overrides or []))
+        validate(IngestConfig, parse_overrides(overrides or []))
     source_cfgs = [load_yaml(path, SourceConfig) for path in sources]
+    key = pseudonym if pseudonym is not None else pseudonym_key()
     init_ray()
-    return ingest(source_cfgs, output, cfg, pseudonym=pseudonym)
+    return ingest(source_cfgs, output, cfg, pseudonym=key)
 
 
 def main(
