@@ -239,3 +239,42 @@ def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, ra
     rows = read_windows(out, filter=pc.equal(pc.field("source"), "a"))
     assert rows.num_rows == 20 and set(rows["fs"].to_pylist()) == {250}
     assert not (tmp_path / "ds" / "_staging").exists() or not any((tmp_path / "ds" / "_staging").iterdir())
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_the_committed_dataset_intact(ptbxl_root, tmp_path):
+    """SIGKILL the ingest job while it writes: readers still see the last complete dataset."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "ds"
+    source = tmp_path / "ptbxl100.yaml"
+    source.write_text(f"name: ptbxl100\nformat: wfdb\npath: {ptbxl_root / 'records100'}\n")
+    env = {**os.environ, "CREMA_PSEUDONYM_KEY": KEY.decode()}
+    command = [sys.executable, "-m", "pipelines.ingest", str(source), "--output", str(out)]
+    repo = Path(__file__).parents[2]
+    first = subprocess.run([*command, "--set", "target_fs=100"], env=env, cwd=repo, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = read_windows(str(out)).sort_by([("record_id", "ascending"), ("window_index", "ascending")])
+    manifest_before = read_manifest(str(out), {})
+
+    job = subprocess.Popen([*command, "--set", "target_fs=500"], env=env, cwd=repo, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "_staging").glob("*/source=*/split=*/*.parquet")) and time.time() < deadline:
+        assert job.poll() is None, "the job finished before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+    after = read_windows(str(out)).sort_by([("record_id", "ascending"), ("window_index", "ascending")])
+    assert after.equals(before) and set(after["fs"].to_pylist()) == {100}
+    assert read_manifest(str(out), {}).equals(manifest_before)
+
+    again = subprocess.run([*command, "--set", "target_fs=500"], env=env, cwd=repo, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert set(read_windows(str(out), columns=["fs"])["fs"].to_pylist()) == {500}
