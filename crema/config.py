@@ -174,7 +174,7 @@ class IngestConfig(Schema):
     drop_duplicates: bool = True
     max_reject_fraction: float = Field(0.5, ge=0, le=1)  # above this the job exits non-zero
     max_record_seconds: float = Field(24 * 3600, gt=0)  # a header declaring more is hostile or broken
-    records_per_task: int = Field(64, ge=1)
+    records_per_task: int = Field(256, ge=1)  # one Ray task; larger amortises scheduling, smaller spreads small corpora
     row_group_bytes: int = Field(32 * 2**20, ge=2**16)
     storage_options: dict = Field(default_factory=dict)  # fsspec options for the output URI
 

@@ -114,7 +114,7 @@ def test_masking_invariants(mode):
     assert (n, k) == (20, 6)
     visible = ~mask
     assert (visible.sum(-1)[lead_mask] == k).all()
-    assert (mask.float().mean(-1)[lead_mask] == pytest.approx(0.7)).all()  # the ratio, in every lead
+    assert (mask.sum(-1)[lead_mask] == n - k).all() and (n - k) / n == pytest.approx(0.7)  # in every lead
     assert not visible[~lead_mask].any()  # a missing lead never shows a patch to the encoder
     leads_of_0 = visible[0, lead_mask[0]]
     if mode == "time":
@@ -201,6 +201,20 @@ def test_missing_lead_values_reach_neither_loss_nor_gradient():
     assert (junk_x_grad[~lead_mask] == 0).all() and (junk_x_grad[lead_mask] != 0).any()
     for name, grad in clean_grads.items():
         assert torch.equal(grad, junk_grads[name]), name
+
+
+@pytest.mark.parametrize("mode", ["embed", "masked"])
+def test_missing_lead_tokens_are_never_attended(mode):
+    # Zero-filled samples still make tokens (lead and position embeddings); attention must skip them.
+    model = CREMA(small_config())
+    x, lead_mask = batch_with_missing_leads()
+    mask = model.random_masking(lead_mask, gen(0)) if mode == "masked" else None
+    before = model.forward_encoder(x, lead_mask, mask)
+    with torch.no_grad():
+        model.encoder.lead_embed[2] += 1.0  # lead III: missing in sample 0 only
+    after = model.forward_encoder(x, lead_mask, mask)
+    assert torch.equal(after[0][lead_mask[0]], before[0][lead_mask[0]])
+    assert not torch.allclose(after[1], before[1])
 
 
 @pytest.mark.parametrize("conv_stem", [False, True])
