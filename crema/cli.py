@@ -7,7 +7,11 @@ from typing import Annotated
 
 import typer
 
+from pipelines import compare as compare_stage
+from pipelines import finetune as finetune_stage
 from pipelines import ingest as ingest_stage
+from pipelines import pretrain as pretrain_stage
+from pipelines import probe as probe_stage
 
 app = typer.Typer(help="CREMA: 12-lead ECG foundation model pipeline on Ray.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -15,6 +19,10 @@ data_app = typer.Typer(help="Get data: the real PTB-XL, or a synthetic corpus.",
 app.add_typer(data_app, name="data")
 
 app.command("ingest")(ingest_stage.main)
+app.command("pretrain")(pretrain_stage.main)
+app.command("probe")(probe_stage.main)
+app.command("finetune")(finetune_stage.main)
+app.command("compare")(compare_stage.main)
 
 
 @data_app.command("download")

@@ -287,7 +287,7 @@ class OptimConfig(Schema):
 class ScalingSettings(Schema):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)  # leave some CPUs free: Ray Data reads with its own tasks
 
 
 class CheckpointSettings(Schema):
@@ -313,6 +313,7 @@ class PretrainConfig(Schema):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     storage_path: str  # checkpoints and the encoder artifact: a local folder or s3://bucket/prefix
+    storage_options: dict = Field(default_factory=dict)  # fsspec options for storage_path (e.g. an S3 endpoint)
     epochs: int = Field(1, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -324,3 +325,144 @@ class PretrainConfig(Schema):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
+
+
+# -------------------------------------------------------------------------------------- downstream
+
+class LogUniform(Schema):
+    """A range Ray Tune samples log-uniformly, once per `num_samples`: ``{log_uniform: [1e-4, 1e-2]}``."""
+
+    log_uniform: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LogUniform":
+        low, high = self.log_uniform
+        if not 0 < low < high:
+            raise ValueError(f"log_uniform needs 0 < low < high, got {list(self.log_uniform)}")
+        return self
+
+
+# A list: every value is tried (a grid axis). A log_uniform range: sampled.
+SearchSpace = list[float] | LogUniform
+
+
+class SweepConfig(Schema):
+    """One Ray Tune sweep: the search space, ASHA early stopping and what a trial may use."""
+
+    epochs: int = Field(20, ge=1)  # per trial: ASHA's max_t
+    grace_period: int = Field(2, ge=1)  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = Field(3.0, gt=1)
+    num_samples: int = Field(1, ge=1)  # draws of the sampled ranges, each crossed with the whole grid
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: SearchSpace = [1e-3]  # fine-tune: the rate of the head and the top layer (layer decay scales the rest)
+    weight_decay: SearchSpace = [0.0]
+    layer_decay: SearchSpace = [0.75]  # fine-tune only
+    drop_path: SearchSpace = [0.1]  # fine-tune only
+    warmup_epochs: int = Field(0, ge=0)  # fine-tune only: linear warm-up, then cosine decay
+    clip_grad: float | None = Field(None, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0)  # None: fine-tune takes 1 when the cluster has GPUs
+    register_model: str | None = None  # fine-tune: register the best model under this name
+
+
+class EmbedSettings(Schema):
+    """The frozen-encoder pass over the windows (Ray Data, an actor pool)."""
+
+    batch_size: int = Field(64, ge=1)
+    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else the CPUs less one for reading
+    cpus_per_actor: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+class EncoderSpec(Schema):
+    """An encoder to evaluate: a pretrained artifact (`path`), or a random initialisation (a baseline)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    init: Literal["pretrained", "random"] = "pretrained"
+    path: str | None = None  # pretrained: an encoder.pt written by save_encoder (local or s3://)
+    like: str | None = None  # random: the architecture of this other (pretrained) encoder
+    model: ModelConfig | None = None  # random: or an explicit architecture
+    seed: int = 0  # random: the initialisation seed
+    methods: list[Literal["probe", "finetune"]] = ["probe", "finetune"]  # random + finetune = supervised from scratch
+    mlflow_run_id: str | None = None  # the pretraining run; None: looked up by the run's encoder_path tag
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _source_of_weights(self) -> "EncoderSpec":
+        if self.init == "pretrained" and (not self.path or self.like or self.model):
+            raise ValueError(f"encoder {self.name}: a pretrained encoder takes `path` (and no `like`/`model`)")
+        if self.init == "random" and (self.path or (self.like is None) == (self.model is None)):
+            raise ValueError(f"encoder {self.name}: a random encoder takes exactly one of `like` and `model`, no `path`")
+        return self
+
+
+SplitName = Literal["train", "val", "test"]
+
+
+class TaskConfig(Schema):
+    """A downstream task as data: which windows, which labels, which encoders and how to sweep them."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    dataset: str  # an ingest OUTPUT (folder or s3://)
+    storage_options: dict = Field(default_factory=dict)  # fsspec options for the dataset and `output`
+    output: str  # embeddings and Tune trials go under <output>/<name>/ (local folder or s3://)
+    classes: list[str] = Field(min_length=1)  # multi-label: a window's labels outside these are ignored
+    require_label: bool = True  # drop records with none of `classes` (the usual PTB-XL superdiagnostic set)
+    train_split: SplitName = "train"
+    val_split: SplitName = "val"
+    test_splits: list[SplitName] = ["test"]
+    train_sources: list[str] | None = None  # None: every source; training and validation use these
+    test_sources: list[str] | None = None  # None: the training sources (cross-hospital: others)
+    label_fractions: list[float] = [1.0]  # of the training patients; one sweep each
+    fraction_seed: int = 0
+    seed: int = 0
+    n_boot: int = Field(1000, ge=1)  # patient bootstrap resamples for the test CIs
+    encoders: list[EncoderSpec] = Field(min_length=1)
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    probe: SweepConfig = Field(default_factory=lambda: SweepConfig(
+        epochs=50, grace_period=5, batch_size=512, lr=LogUniform(log_uniform=(1e-4, 1e-2)),
+        weight_decay=[0.0, 1e-4], num_samples=4))
+    finetune: SweepConfig = Field(default_factory=lambda: SweepConfig(
+        epochs=30, grace_period=3, batch_size=32, lr=LogUniform(log_uniform=(1e-4, 1e-3)), weight_decay=[0.05],
+        layer_decay=[0.65, 0.75], drop_path=[0.1], warmup_epochs=2, clip_grad=1.0, num_samples=2))
+    tracking: TrackingSettings = Field(default_factory=lambda: TrackingSettings(experiment="crema-downstream"))
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"classes repeat: {v}")
+        return v
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"label fractions must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskConfig":
+        names = [e.name for e in self.encoders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"encoder names repeat: {names}")
+        pretrained = {e.name for e in self.encoders if e.init == "pretrained"}
+        for e in self.encoders:
+            if e.like is not None and e.like not in pretrained:
+                raise ValueError(f"encoder {e.name}: like={e.like!r} is not a pretrained encoder of this task")
+        if self.val_split == self.train_split:
+            raise ValueError("val_split must differ from train_split")
+        test_sources = self.test_sources if self.test_sources is not None else self.train_sources
+        same_sources = test_sources is None or self.train_sources is None or set(test_sources) & set(self.train_sources)
+        if same_sources and {self.train_split, self.val_split} & set(self.test_splits):
+            raise ValueError(f"test_splits {self.test_splits} overlap the training/validation splits of the same "
+                             "sources: test records would be trained or selected on")
+        return self
+
+    def sources_for(self, role: Literal["train", "test"]) -> list[str] | None:
+        """The sources a role reads (None: all of them)."""
+        if role == "test" and self.test_sources is not None:
+            return self.test_sources
+        return self.train_sources

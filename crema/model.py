@@ -92,8 +92,8 @@ def key_padding_mask(valid: torch.Tensor) -> torch.Tensor | None:
     """An SDPA mask (B, 1, 1, S) that hides invalid keys; None when all are valid (keeps flash attention)."""
     if bool(valid.all()):
         return None
-    # A sample without any valid key (no lead recorded) would turn each softmax row into 0/0 = NaN;
-    # let it attend to everything instead. Its outputs feed no loss term.
+    # A sample without any valid key (no lead recorded) makes each softmax row 0/0, which some SDPA
+    # kernels return as NaN; let it attend to everything instead. Its outputs feed no loss term.
     valid = valid | ~valid.any(dim=1, keepdim=True)
     return valid[:, None, None, :]
 

@@ -21,7 +21,7 @@ def masked_spans(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def plot_reconstruction(original: np.ndarray, reconstruction: np.ndarray, masked: np.ndarray,
                         lead_mask: np.ndarray, fs: float, title: str = "") -> Figure:
-    """Leads in the standard 6×2 layout; grey bands are the spans the model had to fill in.
+    """Leads in the standard 6×2 layout; grey bands (and the red trace) are the spans the model filled in.
 
     original, reconstruction: (12, L) in mV; masked: (12, L) bool; lead_mask: (12,) bool.
     """
@@ -32,7 +32,9 @@ def plot_reconstruction(original: np.ndarray, reconstruction: np.ndarray, masked
             ax.axvspan(t[start], t[stop - 1], color="0.85", lw=0)
         if lead_mask[lead]:
             ax.plot(t, original[lead], color="black", lw=0.8, label="original")
-            ax.plot(t, reconstruction[lead], color="tab:red", lw=0.8, alpha=0.85, label="reconstruction")
+            # Only where the model had to fill in: elsewhere it was shown the original.
+            filled = np.where(masked[lead], reconstruction[lead], np.nan)
+            ax.plot(t, filled, color="tab:red", lw=0.8, alpha=0.85, label="reconstruction")
         else:
             ax.text(0.5, 0.5, "lead absent", transform=ax.transAxes, ha="center", va="center", color="0.5")
         ax.set_ylabel(f"{LEADS[lead]} (mV)")

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
-import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 from matplotlib.figure import Figure
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crema.dataset import windows_uri
@@ -56,10 +56,30 @@ def find_run(run_name: str, experiment: str, tracking_uri: str) -> Run | None:
     return runs[0] if runs else None
 
 
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Beside a SQLite store: MLflow's default (./mlruns of the creating process) would put the
+    artifacts in whatever directory a Ray worker runs in. A server decides for itself (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(experiment: str, tracking_uri: str) -> str:
+    """The experiment's id, creating it (with artifacts beside a SQLite store) if needed."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
+    except MlflowException:  # created meanwhile by a concurrent job
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
 def start_or_resume_run(run_name: str, experiment: str, tracking_uri: str) -> tuple[mlflow.ActiveRun, bool]:
     """Make the run called `run_name` the active one, creating it if new. Returns (run, resumed)."""
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(experiment_id=ensure_experiment(experiment, tracking_uri))
     existing = find_run(run_name, experiment, tracking_uri)
     if existing is not None:
         return mlflow.start_run(run_id=existing.info.run_id), True
@@ -111,9 +131,9 @@ def log_figure(fig: Figure, artifact_file: str) -> None:
     plt.close(fig)
 
 
-def copy_to_storage(local_path: str | Path, uri: str) -> str:
-    """Put one local file at a local path or s3:// URI (the Ray storage_path's filesystem)."""
-    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pafs.copy_files(str(Path(local_path).resolve()), path, destination_filesystem=fs)
+def copy_to_storage(local_path: str | Path, uri: str, storage_options: dict | None = None) -> str:
+    """Put one local file at a local path or a remote URI (s3://...)."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.put_file(str(local_path), path)
     return uri

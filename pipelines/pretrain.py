@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,6 +31,7 @@ from typing import Annotated, Optional
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import mlflow
 import ray
 import ray.train
 import ray.train.torch
@@ -41,12 +43,18 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import FileShuffleConfig
 from ray.data.datasource import PathPartitionFilter
 from ray.data.datasource.partitioning import Partitioning
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from rich.console import Console
 
 from crema.config import ConfigError, PretrainConfig, load_yaml, parse_overrides
 from crema.data import MODEL_COLUMNS, WindowCollate, decode_window_batch
 from crema.dataset import HIVE_PARTITIONING, windows_uri
 from crema.engine import StepStats, evaluate, train_one_epoch, warmup_cosine
+from crema.model import CREMA, save_encoder
+from crema.plots import plot_reconstruction
+from crema.tracking import (copy_to_storage, dataset_tags, find_run, flatten_params, git_commit, log_figure,
+                            log_new_params, resolve_tracking_uri, start_or_resume_run)
 from pipelines.common import init_ray
 
 console = Console()
@@ -57,7 +65,7 @@ NO_DECAY_NAMES = {"lead_embed", "sep_token", "mask_token", "pos_embed"}  # besid
 @dataclass(frozen=True)
 class PretrainResult:
     run_name: str
-    checkpoint_path: str | None  # the latest checkpoint (a folder in storage_path)
+    checkpoint_path: str | None  # the latest checkpoint: a folder (or s3:// prefix) in storage_path
     encoder_path: str  # storage_path/<name>/encoder.pt, for load_encoder
     mlflow_run_id: str | None
     metrics: dict  # the last metrics rank 0 reported
@@ -75,6 +83,15 @@ class EpochPlan:
 def storage_root(cfg: PretrainConfig) -> str:
     """Ray needs an absolute local path or a URI."""
     return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+
+
+def storage_target(cfg: PretrainConfig) -> tuple[PyFileSystem | None, str]:
+    """(filesystem, path) for RunConfig. Ray infers the filesystem of a plain path or URI; fsspec
+    options (an S3-compatible endpoint, say) need an explicit filesystem and the scheme stripped."""
+    if not cfg.storage_options:
+        return None, storage_root(cfg)
+    fs, path = url_to_fs(cfg.storage_path, **cfg.storage_options)
+    return PyFileSystem(FSSpecHandler(fs)), path
 
 
 def encoder_uri(cfg: PretrainConfig) -> str:
@@ -116,20 +133,18 @@ def plan_epochs(cfg: PretrainConfig, train_rows: int, val_rows: int) -> EpochPla
 
 def read_split(cfg: PretrainConfig, split: str) -> ray.data.Dataset:
     """The columns the model needs, of one split: the path filter skips other splits' files unopened."""
-    filesystem = None
+    path, filesystem = windows_uri(cfg.data.dataset), None
     if cfg.data.storage_options:
-        fs, _ = url_to_fs(cfg.data.dataset, **cfg.data.storage_options)
+        fs, path = url_to_fs(path, **cfg.data.storage_options)
         filesystem = PyFileSystem(FSSpecHandler(fs))
-    uri = windows_uri(cfg.data.dataset)
     return ray.data.read_parquet(
-        uri if filesystem is None else url_to_fs(uri)[1],
+        path,
         filesystem=filesystem,
-        columns=MODEL_COLUMNS,
         partitioning=Partitioning("hive"),
         partition_filter=PathPartitionFilter.of(lambda keys: keys.get("split") == split, style="hive"),
         # A new file order every epoch (reseeded per execution); the workers' buffers shuffle rows.
         shuffle=FileShuffleConfig(seed=cfg.seed) if split == "train" else None,
-    )
+    ).select_columns(MODEL_COLUMNS)
 
 
 def _fixed_val_window(dataset: pads.Dataset) -> dict:
@@ -139,8 +154,6 @@ def _fixed_val_window(dataset: pads.Dataset) -> dict:
 
 
 def _run_tags(cfg: PretrainConfig) -> dict[str, str]:
-    from crema.tracking import dataset_tags, git_commit
-
     tags = dataset_tags(cfg.data.dataset, cfg.data.storage_options)
     commit = git_commit()
     if commit:
@@ -149,18 +162,21 @@ def _run_tags(cfg: PretrainConfig) -> dict[str, str]:
     return tags
 
 
+def _checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
+    """Ray reports remote paths without their scheme."""
+    if "://" not in cfg.storage_path:
+        return path
+    return f"{cfg.storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def run(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) the job described by `cfg`; returns where its outputs are."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from crema.tracking import find_run, resolve_tracking_uri
-
     windows = _windows_dataset(cfg)
     _check_window_length(windows, cfg)
     plan = plan_epochs(cfg, _split_rows(windows, "train"), _split_rows(windows, "val"))
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     init_ray()
+    storage_filesystem, storage_path = storage_target(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -174,7 +190,8 @@ def run(cfg: PretrainConfig) -> PretrainResult:
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=storage_root(cfg),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -184,7 +201,7 @@ def run(cfg: PretrainConfig) -> PretrainResult:
     mlflow_run = find_run(cfg.name, cfg.tracking.experiment, tracking_uri)
     return PretrainResult(
         run_name=cfg.name,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        checkpoint_path=_checkpoint_uri(cfg, result.checkpoint.path) if result.checkpoint else None,
         encoder_path=encoder_uri(cfg),
         mlflow_run_id=mlflow_run.info.run_id if mlflow_run else None,
         metrics=dict(result.metrics or {}),
@@ -222,8 +239,6 @@ def save_checkpoint(model, optimizer, scheduler, position: Position, metrics: di
     if not is_rank0:
         ray.train.report(metrics)
         return
-    import mlflow
-
     # Whatever a checkpoint covers is in MLflow too, even if the job dies right after.
     mlflow.flush_async_logging()
     with tempfile.TemporaryDirectory() as folder:
@@ -244,9 +259,6 @@ def load_checkpoint(checkpoint, model, optimizer, scheduler) -> Position:
 
 
 def log_reconstruction(model, window: dict, device: torch.device, epoch: int, seed: int) -> None:
-    from crema.plots import plot_reconstruction
-    from crema.tracking import log_figure
-
     model.eval()
     x = torch.from_numpy(window["x"]).to(device)
     lead_mask = torch.from_numpy(window["lead_mask"]).to(device)
@@ -259,10 +271,6 @@ def log_reconstruction(model, window: dict, device: torch.device, epoch: int, se
 
 
 def _start_tracking(cfg: PretrainConfig, config: dict, resumed_from: Position | None) -> None:
-    import mlflow
-
-    from crema.tracking import flatten_params, log_new_params, start_or_resume_run
-
     _, resumed = start_or_resume_run(cfg.name, cfg.tracking.experiment, config["tracking_uri"])
     log_new_params(flatten_params(config["cfg"]))
     mlflow.set_tags(config["tags"])
@@ -273,17 +281,12 @@ def _start_tracking(cfg: PretrainConfig, config: dict, resumed_from: Position | 
 
 
 def _finish_tracking(model, cfg: PretrainConfig) -> None:
-    import mlflow
-
-    from crema.model import save_encoder
-    from crema.tracking import copy_to_storage
-
     with tempfile.TemporaryDirectory() as folder:
         local = os.path.join(folder, "encoder.pt")
         save_encoder(model, local)
-        copy_to_storage(local, encoder_uri(cfg))
-        mlflow.log_artifact(local, "encoder_artifact")
-    mlflow.pytorch.log_model(model.encoder, name="encoder",
+        copy_to_storage(local, encoder_uri(cfg), cfg.storage_options)
+    # Pickled rather than a traced pt2 graph: users call the encoder's `embed`, not only `forward`.
+    mlflow.pytorch.log_model(model.encoder, name="encoder", serialization_format="pickle",
                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     mlflow.set_tag("encoder_path", encoder_uri(cfg))
     mlflow.flush_async_logging()
@@ -296,10 +299,6 @@ def _shuffle_seed(seed: int, position: Position, rank: int) -> int:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import mlflow
-
-    from crema.model import CREMA
-
     cfg = PretrainConfig.model_validate(config["cfg"])
     plan = EpochPlan(**config["plan"])
     context = ray.train.get_context()
@@ -339,11 +338,16 @@ def train_loop_per_worker(config: dict) -> None:
                             {"step": stats.step, "epoch": position.epoch, "loss": stats.loss}, is_rank0)
         drill = cfg.chaos.exit_after_step
         if drill is not None and restored is None and stats.step == drill and rank == world - 1:
+            # Die once Ray has committed the checkpoints reported so far, so the drill's outcome is
+            # deterministic: a report still in flight when its worker dies is lost with it.
+            ray.train.get_all_reported_checkpoints()
             os._exit(1)
 
     while position.epoch < cfg.epochs:
         remaining = plan.steps_per_epoch - position.step_in_epoch
+        epoch_metrics = {}
         if remaining > 0:
+            started = time.perf_counter()
             batches = train_shard.iter_torch_batches(
                 batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(),
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
@@ -352,19 +356,22 @@ def train_loop_per_worker(config: dict) -> None:
             train_one_epoch(ddp_model, batches, optimizer, scheduler, num_steps=remaining,
                             start_step=position.global_step, device=device, amp_dtype=amp_dtype,
                             accum_steps=cfg.optim.accum_steps, clip_grad=cfg.optim.clip_grad, on_step=on_step)
+            # Wall clock of the whole epoch's training, checkpoints and logging included.
+            global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
+            epoch_metrics["epoch_samples_per_s"] = remaining * global_batch / (time.perf_counter() - started)
         val_batches = val_shard.iter_torch_batches(batch_size=plan.val_batch_size, drop_last=True,
                                                    collate_fn=WindowCollate(),
                                                    prefetch_batches=cfg.data.prefetch_batches)
         val = evaluate(ddp_model, val_batches, num_steps=plan.val_steps, device=device, amp_dtype=amp_dtype,
                        seed=cfg.seed)
         if is_rank0:
-            mlflow.log_metrics(val, step=position.global_step)
+            mlflow.log_metrics({**val, **epoch_metrics}, step=position.global_step)
             mlflow.log_metric("epoch", position.epoch + 1, step=position.global_step)
             log_reconstruction(model, config["fixed_val_window"], device, position.epoch, cfg.seed)
         position.epoch += 1
         position.step_in_epoch = 0
         save_checkpoint(model, optimizer, scheduler, position,
-                        {"step": position.global_step, "epoch": position.epoch, **val}, is_rank0)
+                        {"step": position.global_step, "epoch": position.epoch, **val, **epoch_metrics}, is_rank0)
 
     if is_rank0:
         _finish_tracking(model, cfg)

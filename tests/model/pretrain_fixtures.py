@@ -43,7 +43,7 @@ def write_ptbxl_windows(ptbxl_root: Path, out: Path, *, n_records: int, window_s
                 "window_start": window.start,
                 "fs": target_fs,
                 "valid_samples": window.valid_samples,
-                "signal": window.signal.astype(np.float16 if dtype == "float16" else np.float32).ravel(),
+                "signal": window.signal.astype(np.dtype(dtype).newbyteorder("<")).tobytes(),
                 "lead_mask": canonical.lead_mask.tolist(),
                 "derived_mask": canonical.derived_mask.tolist(),
                 "labels": sorted(ast.literal_eval(meta.scp_codes)),

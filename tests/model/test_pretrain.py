@@ -3,12 +3,13 @@ lost worker — resumed from its checkpoint by a re-run of the same name, in the
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import boto3
 import mlflow
 import pyarrow.compute as pc
 import pytest
+import s3fs
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -17,9 +18,7 @@ from crema.data import MODEL_COLUMNS, iter_table_batches
 from crema.dataset import read_windows
 from crema.engine import evaluate, train_one_epoch, warmup_cosine
 from crema.model import CREMA, load_encoder
-
-sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_fixtures import write_ptbxl_windows  # noqa: E402
+from tests.model.pretrain_fixtures import write_ptbxl_windows
 
 WINDOW_S, FS = 2.0, 500
 # Small enough for two CPU cores, big enough to learn something in a few dozen steps.
@@ -72,7 +71,8 @@ def pretrain_config(dataset: Path, tmp_path: Path, **changes) -> PretrainConfig:
         model=SMALL_MODEL,
         data=dict(dataset=str(dataset), batch_size=8, shuffle_buffer=32, prefetch_batches=1),
         optim=dict(lr=1e-3, warmup_steps=2),
-        scaling=dict(num_workers=2, use_gpu=False),
+        # Half a CPU each: the other core of a 2-CPU Ray cluster is left to Ray Data's read tasks.
+        scaling=dict(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
         checkpoint=dict(every_steps=3, num_to_keep=2),
         tracking=dict(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="test-pretrain", log_every_steps=1),
     )
@@ -84,6 +84,7 @@ def checkpoint_state(folder: Path) -> dict:
     return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
 
 
+@pytest.mark.timeout(420)
 def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(windows_40, ray_local, tmp_path):
     import ray.train
 
@@ -135,6 +136,9 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
     assert {"config.yaml", "reconstruction"} <= artifacts
     figures = [a.path for a in client.list_artifacts(run_id, "reconstruction")]
     assert figures == ["reconstruction/epoch_001.png", "reconstruction/epoch_002.png"]
+    # Artifacts sit beside the SQLite store, not in the Ray worker's scratch directory.
+    pngs = sorted((tmp_path / "mlartifacts").rglob("epoch_*.png"))
+    assert [p.name for p in pngs] == ["epoch_001.png", "epoch_002.png"] and pngs[0].stat().st_size > 10_000
 
     encoder = load_encoder(result.encoder_path)
     val = read_windows(str(windows_40), columns=MODEL_COLUMNS, filter=pc.field("split") == "val")
@@ -156,3 +160,34 @@ def test_window_length_mismatch_is_a_config_error_before_any_training(windows_40
     with pytest.raises(ConfigError, match="1000 samples"):
         run(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(300)
+def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local, tmp_path):
+    from pipelines.pretrain import run
+
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="pretrain")
+    s3 = s3fs.S3FileSystem(**options)
+    s3.put(str(windows_40 / "windows"), "pretrain/dataset/windows", recursive=True)
+
+    cfg = pretrain_config(windows_40, tmp_path, name="on-s3", epochs=1, storage_path="s3://pretrain/runs",
+                          storage_options=options,
+                          data=dict(dataset="s3://pretrain/dataset", storage_options=options, batch_size=32),
+                          scaling=dict(num_workers=1, cpus_per_worker=1))
+    result = run(cfg)
+
+    assert result.checkpoint_path.startswith("s3://pretrain/runs/on-s3/checkpoint_step")
+    assert s3.exists(result.checkpoint_path + "/state.pt")
+    assert result.encoder_path == "s3://pretrain/runs/on-s3/encoder.pt"
+    with s3.open(result.encoder_path, "rb") as f:
+        encoder = load_encoder(f)
+    val = read_windows(str(windows_40), columns=MODEL_COLUMNS, filter=pc.field("split") == "val")
+    batch = next(iter_table_batches(val, 2))
+    with torch.no_grad():
+        assert encoder.embed(batch["x"], batch["lead_mask"]).shape == (2, SMALL_MODEL["embed_dim"])
+    run_info = MlflowClient(cfg.tracking.tracking_uri).get_run(result.mlflow_run_id)
+    assert run_info.data.tags["dataset"] == "s3://pretrain/dataset"
+    assert run_info.data.tags["dataset_sources"] == "ptbxl" and "val_loss" in run_info.data.metrics

@@ -1,0 +1,211 @@
+"""Pretraining throughput: what Ray Train costs, whether the loader keeps up, and (on a GPU) MFU.
+
+    python -m benchmarks.pretrain [--dataset OUTPUT] [--data ../shared/data] [--epochs 2]
+
+Without --dataset, the shared PTB-XL records500 are ingested first (10 s windows at 500 Hz).
+
+(a) Ray overhead: the `tiny` preset as a real Ray Train job (1 worker, 1 CPU, checkpoints and
+    MLflow logging on) against a plain single-process loop (the same engine, model, data and batch
+    size, one thread like the Ray worker). Both figures are the wall clock of the last epoch.
+(b) Loader headroom: iterating the train split's Ray Data shard with batch decoding and no model,
+    against what the model consumes in (a).
+(c) With CUDA: the `base` preset's step time, samples/s, tokens/s and MFU in bf16, and how much of
+    the wall clock the GPU spent waiting for the loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import ray
+import torch
+
+from crema.config import IngestConfig, PretrainConfig, SourceConfig, load_yaml
+from crema.data import MODEL_COLUMNS, WindowCollate, iter_table_batches
+from crema.dataset import read_windows
+from crema.engine import train_one_epoch, warmup_cosine
+from crema.ingest import ingest
+from crema.model import CREMA, model_flops_per_sample
+from crema.signals import N_LEADS
+from pipelines.pretrain import amp_dtype_for, param_groups, read_split, run
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"ray_overhead": 0.05, "loader_headroom": 3.0}
+# Dense bf16 tensor-core peaks (FLOP/s), by the name torch reports.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def ingest_ptbxl(shared_data: Path, out: Path) -> Path:
+    os.environ.setdefault("PTBXL_ROOT", str(shared_data / "ptbxl"))
+    source = load_yaml(REPO / "configs/sources/ptbxl.yaml", SourceConfig)
+    ingest([source], str(out), IngestConfig(), pseudonym=b"benchmark")
+    return out
+
+
+def preset(preset_name: str, dataset: Path, workdir: Path, **changes) -> PretrainConfig:
+    overrides = {"data.dataset": str(dataset), "storage_path": str(workdir / "runs"),
+                 "tracking.tracking_uri": f"sqlite:///{workdir}/mlflow.db", **changes}
+    return load_yaml(REPO / f"configs/pretrain/{preset_name}.yaml", PretrainConfig, overrides)
+
+
+def plain_loop(cfg: PretrainConfig) -> float:
+    """Samples/s of the last epoch of a single-process loop over the in-memory train split."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    train = read_windows(cfg.data.dataset, columns=MODEL_COLUMNS, filter=pc.field("split") == "train")
+    steps = train.num_rows // cfg.data.batch_size
+    model = CREMA(cfg.model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps,
+                                                                           steps * cfg.epochs))
+    step, rate = 0, 0.0
+    for epoch in range(cfg.epochs):
+        started = time.perf_counter()
+        step = train_one_epoch(model, iter_table_batches(train, cfg.data.batch_size, seed=epoch), optimizer,
+                               scheduler, num_steps=steps, start_step=step, device=torch.device("cpu"),
+                               clip_grad=cfg.optim.clip_grad)
+        rate = steps * cfg.data.batch_size / (time.perf_counter() - started)
+    return rate
+
+
+def loader_only(cfg: PretrainConfig, epochs: int = 3) -> float:
+    """Samples/s of a worker's view of the train split (a streaming split shard), decoded, no model."""
+    shard = read_split(cfg, "train").streaming_split(1, equal=True)[0]
+    rows, seconds = 0, 0.0
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        n = sum(len(b["x"]) for b in shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(),
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches))
+        if epoch > 0:  # the first pass pays for starting the read tasks
+            rows += n
+            seconds += time.perf_counter() - started
+    return rows / seconds
+
+
+class TimedBatches:
+    """Batches, with the time the consumer spent blocked waiting for each one."""
+
+    def __init__(self, batches: Iterable):
+        self.batches = batches
+        self.waited_s = 0.0
+
+    def __iter__(self) -> Iterator:
+        iterator = iter(self.batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited_s += time.perf_counter() - started
+            yield batch
+
+
+def accelerator_run(cfg: PretrainConfig, device: torch.device, steps: int = 40, warmup: int = 5) -> dict:
+    """Step time, throughput and MFU of `cfg` on `device`, fed by Ray Data as in training."""
+    model = CREMA(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps, steps))
+    dataset = read_split(cfg, "train")
+
+    def endless() -> Iterator:
+        while True:
+            yield from dataset.iter_torch_batches(
+                batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(),
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
+
+    batches = iter(endless())
+    amp = amp_dtype_for(cfg.precision, device)
+    step = train_one_epoch(model, batches, optimizer, scheduler, num_steps=warmup, start_step=0, device=device,
+                           amp_dtype=amp, clip_grad=cfg.optim.clip_grad)
+    timed = TimedBatches(batches)
+    started = time.perf_counter()
+    train_one_epoch(model, timed, optimizer, scheduler, num_steps=steps, start_step=step, device=device,
+                    amp_dtype=amp, clip_grad=cfg.optim.clip_grad)  # each step ends in a host sync (.tolist())
+    seconds = time.perf_counter() - started
+    samples_per_s = steps * cfg.data.batch_size / seconds
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((flops for key, flops in PEAK_BF16.items() if key in name), None)
+    flops = samples_per_s * model_flops_per_sample(cfg.model)
+    return {
+        "device": name,
+        "step_s": seconds / steps,
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * N_LEADS * cfg.model.num_patches,
+        "model_tflops": flops / 1e12,
+        "mfu": flops / peak if peak else None,
+        "data_wait_fraction": timed.waited_s / seconds,
+    }
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n{title}")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", help="an ingest OUTPUT with 10 s windows at 500 Hz (default: ingest PTB-XL)")
+    parser.add_argument("--data", default=os.environ.get("CREMA_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--epochs", type=int, default=2, help="of the CPU comparison; the last one is timed")
+    args = parser.parse_args()
+
+    ray.init(num_cpus=min(os.cpu_count() or 2, 4), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if args.dataset:
+            dataset = Path(args.dataset)
+        else:
+            records = Path(args.data) / "ptbxl" / "records500"
+            if not records.exists():
+                raise SystemExit(f"no PTB-XL records at {records} (set CREMA_SHARED_DATA, or pass --dataset)")
+            dataset = ingest_ptbxl(Path(args.data), workdir / "dataset")
+
+        tiny = preset("tiny", dataset, workdir, name="benchmark-tiny", epochs=args.epochs,
+                      **{"scaling.num_workers": 1, "scaling.cpus_per_worker": 1})
+        plain = plain_loop(tiny)
+        result = run(tiny)
+        ray_rate = result.metrics["epoch_samples_per_s"]
+        loader = loader_only(tiny)
+        overhead = 1 - ray_rate / plain
+        print_table(f"pretraining benchmark: tiny CREMA, batch {tiny.data.batch_size}, "
+                    f"{os.cpu_count()} cores on this machine", [
+                        ("plain PyTorch loop, samples/s", f"{plain:,.1f}"),
+                        ("Ray Train job (1 worker), samples/s", f"{ray_rate:,.1f}"),
+                        ("Ray overhead", f"{overhead:+.1%}  (target <= {TARGETS['ray_overhead']:.0%})"),
+                        ("Ray Data loader alone, samples/s", f"{loader:,.1f}"),
+                        ("loader headroom over the model", f"{loader / ray_rate:.1f}x  "
+                                                           f"(target >= {TARGETS['loader_headroom']:.0f}x)"),
+                    ])
+
+        if torch.cuda.is_available():
+            base = preset("base", dataset, workdir, name="benchmark-base")
+            stats = accelerator_run(base, torch.device("cuda"))
+            mfu = f"{stats['mfu']:.1%}" if stats["mfu"] is not None else "n/a (unknown peak for this GPU)"
+            print_table(f"base CREMA, bf16, batch {base.data.batch_size}, on {stats['device']}", [
+                ("step time", f"{stats['step_s'] * 1e3:,.1f} ms"),
+                ("samples/s", f"{stats['samples_per_s']:,.0f}"),
+                ("tokens/s (12 leads x patches)", f"{stats['tokens_per_s']:,.0f}"),
+                ("model TFLOP/s", f"{stats['model_tflops']:,.1f}"),
+                ("MFU (dense bf16 peak)", mfu),
+                ("time blocked on the loader", f"{stats['data_wait_fraction']:.1%} of the wall clock"),
+            ])
+        else:
+            print("\nno CUDA device: the base-preset GPU figures (MFU, data wait) were skipped")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""What the probe and fine-tune stages share: the task's encoders, one Ray Tune sweep per encoder and
+label fraction with its MLflow runs, and the single test evaluation of the sweep's best trial.
+
+MLflow layout of a sweep: a parent run (tags task, method, encoder, label_fraction; the sweep's
+settings as params; the task config, the test metrics, ROC curves, metrics table and record-level
+test predictions as artifacts) and one nested run per trial, which the trial creates itself in its
+own process under the parent's id (tag ``mlflow.parentRunId``), holding its hyperparameters and
+per-epoch curves. After the sweep the driver tags the best trial's run ``best_trial=true`` and closes
+the runs of trials ASHA stopped (``stopped_early=true``, status KILLED).
+
+Trials are compared on the validation macro AUROC (records: mean of their windows' scores). The best
+trial is the one whose best epoch scored highest, and that epoch's checkpoint is the model: thresholds
+are tuned on its validation scores, and the test split is scored once, with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig
+from crema.metrics import evaluate, macro_auroc, metrics_table, roc_curve_figure, tune_thresholds
+from crema.tasks import LabelledWindows, encoder_exists, load_task, with_absolute_paths
+
+METRIC = "val_macro_auroc"
+KIND_TAG = "crema.kind"  # "sweep" on a parent run, "trial" on its children
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs to open its nested MLflow run."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    task: str
+    method: str  # probe | finetune
+    encoder: str
+    label_fraction: float
+    parent_run_id: str
+    best_trial_run_id: str
+    best_config: dict
+    val_macro_auroc: float  # of the chosen checkpoint, recomputed on the validation records
+    test_metrics: dict[str, float]  # metrics.evaluate keys, on the test records
+    n_trials: int
+    model_uri: str | None = None  # fine-tune: the logged model
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BestTrialScores:
+    """Window scores of the chosen checkpoint, in the row order of the task's val and test windows."""
+
+    val: np.ndarray
+    test: np.ndarray
+    model_uri: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ task
+
+def prepare_task(task: TaskConfig | str | Path, overrides: dict | None = None) -> TaskConfig:
+    """A validated task with absolute local paths (trials run in other folders)."""
+    if not isinstance(task, TaskConfig):
+        task = load_task(task, overrides)
+    elif overrides:
+        raise ConfigError("overrides apply to a task file, not to a TaskConfig object")
+    return with_absolute_paths(task)
+
+
+def select_encoders(task: TaskConfig, method: str, names: list[str] | None) -> list[EncoderSpec]:
+    """The task's encoders evaluated by `method`, or only the named ones; their artifacts must exist."""
+    known = {e.name: e for e in task.encoders}
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ConfigError(f"task {task.name} has no encoder {unknown}; it has {sorted(known)}")
+    chosen = [e for e in task.encoders if (names is None or e.name in names) and method in e.methods]
+    if not chosen:
+        raise ConfigError(f"task {task.name}: no encoder selected for {method}")
+    needed = {e.path for e in chosen if e.path} | {known[e.like].path for e in chosen if e.like}
+    missing = sorted(p for p in needed if not encoder_exists(p, task.storage_options))
+    if missing:
+        raise ConfigError(f"encoder artifacts not found: {missing}")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------- MLflow
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it if new; with a SQLite store, artifacts go beside the database."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = Path(tracking_uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a concurrent stage: use theirs
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
+    """Tags that tie a downstream run to its encoder: the artifact and the pretraining run that wrote it."""
+    from mlflow.tracking import MlflowClient
+
+    tags = {"encoder": spec.name, "encoder_init": spec.init}
+    if spec.description:
+        tags["encoder_description"] = spec.description
+    if spec.init == "random":
+        tags["encoder_seed"] = str(spec.seed)
+        if spec.like:
+            tags["encoder_like"] = spec.like
+        return tags
+    tags["encoder_path"] = spec.path
+    run_id = spec.mlflow_run_id
+    if run_id is None:
+        client = MlflowClient(tracking_uri)
+        quoted = spec.path.replace("'", "\\'")
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=f"tags.encoder_path = '{quoted}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+        run_id = runs[0].info.run_id if runs else None
+    if run_id:
+        tags["encoder_run_id"] = run_id
+    return tags
+
+
+@contextmanager
+def trial_run(context: TrialContext, params: dict) -> Iterator[None]:
+    """Inside a Tune trial: this trial's MLflow run, nested under the sweep's parent run."""
+    import mlflow
+    from ray import tune
+
+    trial = tune.get_context()
+    mlflow.set_tracking_uri(context.tracking_uri)
+    with mlflow.start_run(experiment_id=context.experiment_id, run_name=trial.get_trial_name(),
+                          parent_run_id=context.parent_run_id,
+                          tags={**context.tags, KIND_TAG: "trial", "ray_trial_id": trial.get_trial_id()}):
+        mlflow.log_params(params)
+        yield
+
+
+# ------------------------------------------------------------------------------------------ Tune
+
+def search_space(sweep: SweepConfig, names: tuple[str, ...]) -> dict:
+    """Tune's param_space: a list is a grid axis, a log_uniform range is sampled."""
+    from ray import tune
+
+    def axis(space: SearchSpace):
+        if isinstance(space, list):
+            return tune.grid_search(space)
+        return tune.loguniform(*space.log_uniform)
+
+    return {name: axis(getattr(sweep, name)) for name in names}
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _tune(trainable, *, sweep: SweepConfig, param_space: dict, resources: dict, storage_path: str, name: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
+                              grace_period=min(sweep.grace_period, sweep.epochs),
+                              reduction_factor=sweep.reduction_factor)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
+                                    max_concurrent_trials=sweep.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, verbose=1,
+            # Trials report a checkpoint only when their validation score improves: the one kept is their best.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_order="max"),
+        ),
+    )
+    # num_to_keep forces an experiment snapshot per checkpoint; Tune warns about it every few seconds.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
+    return grid
+
+
+def _close_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, grid, best, epochs: int) -> str:
+    """Tag the best trial's run and the early-stopped ones; returns the best trial's run id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    by_trial = {run.data.tags.get("ray_trial_id"): run for run in children}
+    best_run_id = None
+    for result in grid:
+        run = by_trial.get(result.metrics.get("trial_id"))
+        if run is None:
+            raise RuntimeError(f"trial {result.metrics.get('trial_id')} left no MLflow run under {parent_run_id}")
+        stopped = result.metrics.get("training_iteration", 0) < epochs
+        client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
+        # ASHA stops every trial, the ones at max_t included, by ending its process mid-report: the run
+        # is left RUNNING or FAILED whatever happened. Failed trials raised above, so this is the truth.
+        client.set_terminated(run.info.run_id, "KILLED" if stopped else "FINISHED")
+        if result.metrics.get("trial_id") == best.metrics.get("trial_id"):
+            client.set_tag(run.info.run_id, "best_trial", "true")
+            best_run_id = run.info.run_id
+    return best_run_id
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def _record_predictions(keys: np.ndarray, patients: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                        classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"record": keys, "patient_key": patients})
+    for c, name in enumerate(classes):
+        frame[f"label_{name}"] = labels[:, c].astype(np.int8)
+        frame[f"score_{name}"] = scores[:, c]
+    return frame
+
+
+def log_test_evaluation(task: TaskConfig, val: LabelledWindows, test: LabelledWindows,
+                        scores: BestTrialScores) -> tuple[float, dict[str, float]]:
+    """Thresholds from validation, metrics with patient bootstrap CIs on test, all logged to the active run."""
+    import mlflow
+
+    _, val_labels, _, val_scores = val.records(scores.val)
+    thresholds = tune_thresholds(val_labels, val_scores)
+    val_auroc = macro_auroc(val_labels, val_scores).value
+    keys, test_labels, test_patients, test_scores = test.records(scores.test)
+    results = evaluate(test_labels, test_scores, test_patients, task.classes, thresholds, n_boot=task.n_boot,
+                       seed=task.seed)
+    mlflow.log_metric("best_val_macro_auroc", val_auroc)
+    mlflow.log_metrics({f"test_{k}": v for k, v in results.items()})
+    mlflow.log_figure(roc_curve_figure(test_labels, test_scores, task.classes), "roc_curves.png")
+    mlflow.log_text(metrics_table(results).to_csv(index=False), "metrics/test_metrics.csv")
+    mlflow.log_text(json.dumps(results, indent=2), "metrics/test_metrics.json")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "test_records.parquet"
+        _record_predictions(keys, test_patients, test_labels, test_scores, task.classes).to_parquet(path)
+        mlflow.log_artifact(str(path), "predictions")
+    return val_auroc, results
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+def _dataset_tags(task: TaskConfig) -> dict[str, str]:
+    import ray
+
+    from crema.tracking import dataset_tags, git_commit
+
+    tags = dataset_tags(task.dataset, task.storage_options)
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    tags["ray_version"] = ray.__version__
+    return tags
+
+
+def run_sweep(*, task: TaskConfig, method: str, spec: EncoderSpec, fraction: float, sweep: SweepConfig,
+              trainable: Callable, trial_inputs: dict, hyperparameters: tuple[str, ...], resources: dict,
+              val: LabelledWindows, test: LabelledWindows, n_train_windows: int,
+              score_best: Callable[[object, dict[str, str]], BestTrialScores]) -> SweepResult:
+    """One sweep under its MLflow parent run: Tune over `hyperparameters`, then the best trial on test.
+
+    `trainable(config, context=TrialContext, **trial_inputs)` runs one trial; `score_best(result, tags)`
+    turns the chosen Tune result into window scores on val and test (and may log a model with `tags`).
+    """
+    import mlflow
+    from ray import tune
+
+    from crema.tracking import flatten_params, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(task.tracking.tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, task.tracking.experiment)
+    mlflow.set_tracking_uri(tracking_uri)
+    tags = {
+        "task": task.name, "method": method, "label_fraction": f"{fraction:g}",
+        "train_sources": ",".join(task.sources_for("train") or ["*"]),
+        "test_sources": ",".join(task.sources_for("test") or ["*"]),
+        **encoder_provenance(spec, tracking_uri),
+    }
+    run_name = f"{method}-{task.name}-{spec.name}-f{fraction:g}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={**tags, **_dataset_tags(task), KIND_TAG: "sweep"}) as parent:
+        mlflow.log_params(flatten_params({"sweep": sweep.model_dump(mode="json"), "classes": ",".join(task.classes),
+                                          "n_boot": task.n_boot, "seed": task.seed}))
+        mlflow.log_params({"n_train_windows": n_train_windows, "n_val_windows": len(val),
+                           "n_test_windows": len(test)})
+        mlflow.log_text(yaml.safe_dump(task.model_dump(mode="json"), sort_keys=False), "task.yaml")
+        context = TrialContext(tracking_uri, experiment_id, parent.info.run_id, tags)
+        grid = _tune(tune.with_parameters(trainable, context=context, **trial_inputs), sweep=sweep,
+                     param_space=search_space(sweep, hyperparameters), resources=resources,
+                     storage_path=f"{task.output.rstrip('/')}/{task.name}/tune",
+                     name=f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        best = grid.get_best_result(METRIC, "max", scope="all")
+        best_run_id = _close_trial_runs(tracking_uri, experiment_id, parent.info.run_id, grid, best, sweep.epochs)
+        best_config = {k: best.config[k] for k in hyperparameters}
+        mlflow.set_tags({"best_trial_id": best.metrics["trial_id"], "best_trial_run_id": best_run_id})
+        mlflow.log_dict(best_config, "best_config.json")
+        scores = score_best(best, tags)
+        val_auroc, results = log_test_evaluation(task, val, test, scores)
+    return SweepResult(task.name, method, spec.name, fraction, parent.info.run_id, best_run_id, best_config,
+                       val_auroc, results, len(grid), scores.model_uri, tags)

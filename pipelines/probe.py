@@ -1,0 +1,208 @@
+"""Linear-probe evaluation: `python -m pipelines.probe --task configs/tasks/ptbxl_superdiagnostic.yaml [key=value ...]`.
+
+Also `crema probe`, and `ray job submit -- python -m pipelines.probe ...` on a cluster.
+
+For each selected encoder, one Ray Data pass over the task's windows (an actor pool, one encoder per
+actor, a GPU each when the cluster has them) writes the frozen embeddings to Parquet under
+``<output>/<task>/embeddings/``; the pass is skipped when the same encoder weights have already
+embedded the same dataset. Then, per label fraction, a Ray Tune sweep trains linear heads on those
+embeddings (ASHA on the validation macro AUROC), and the best one is evaluated once on the test split
+(see :mod:`pipelines.downstream` for the MLflow runs it leaves).
+
+Exit codes: 0 done; 2 invalid configuration (bad task file, unknown encoder, missing artifact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+import typer
+from fsspec.core import url_to_fs
+from rich.console import Console
+from rich.table import Table
+
+from crema.config import ConfigError, EncoderSpec, TaskConfig, parse_overrides
+from crema.dataset import HIVE_PARTITIONING, windows_uri
+from crema.embed import embed_dataset, embedding_matrix
+from crema.probe import LinearProbe, predict_probe, train_probe
+from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, build_task_encoder, encoder_bytes,
+                         label_fraction_subset, split_roles, task_sources)
+from pipelines.common import init_ray
+from pipelines.downstream import (METRIC, BestTrialScores, SweepResult, TrialContext, prepare_task, run_sweep,
+                                  select_encoders, trial_run)
+
+console = Console()
+PROBE_FILE = "probe.pt"
+COMPLETE_MARKER = "_COMPLETE"  # written last; a leading "_" keeps Parquet readers off it
+HYPERPARAMETERS = ("lr", "weight_decay")
+
+# A sweep small enough for the `crema demo` budget on 2 CPUs: 4 trials of 8 epochs, a 200-resample CI.
+DEMO_OVERRIDES = {"probe.epochs": 8, "probe.grace_period": 2, "probe.num_samples": 1,
+                  "probe.lr": [1e-3, 1e-2], "probe.weight_decay": [0.0, 1e-3], "probe.batch_size": 128,
+                  "n_boot": 200, "label_fractions": [1.0]}
+
+
+# ------------------------------------------------------------------------------------- embeddings
+
+def _filesystem(task: TaskConfig, uri: str):
+    fs, path = url_to_fs(uri, **task.storage_options)
+    return fs, path
+
+
+def read_task_windows(task: TaskConfig, sources: list[str]):
+    """The windows of `sources` as a Ray Dataset (the path filter skips other sources' files unopened)."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.data.datasource import PathPartitionFilter
+    from ray.data.datasource.partitioning import Partitioning
+
+    uri = windows_uri(task.dataset)
+    filesystem = None
+    if task.storage_options:
+        fs, uri = _filesystem(task, uri)
+        filesystem = PyFileSystem(FSSpecHandler(fs))
+    return ray.data.read_parquet(
+        uri, filesystem=filesystem, columns=[*SIGNAL_COLUMNS, *META_COLUMNS], partitioning=Partitioning("hive"),
+        partition_filter=PathPartitionFilter.of(lambda keys: keys.get("source") in sources, style="hive"))
+
+
+def embeddings_key(blob: bytes, dataset_tags: dict[str, str], sources: list[str]) -> str:
+    """Same encoder weights, same dataset content, same sources: same embeddings."""
+    digest = hashlib.sha256(blob)
+    digest.update(json.dumps([dataset_tags.get("dataset_manifest_sha256", dataset_tags["dataset"]), sources])
+                  .encode())
+    return digest.hexdigest()[:16]
+
+
+def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: list[str],
+                    dataset_tags: dict[str, str]) -> pa.Table:
+    """Every window of `sources` embedded by the encoder: computed once, then read back from Parquet."""
+    uri = f"{task.output.rstrip('/')}/{task.name}/embeddings/{spec.name}-{embeddings_key(blob, dataset_tags, sources)}"
+    fs, path = _filesystem(task, uri)
+    marker = f"{path}/{COMPLETE_MARKER}"
+    if fs.exists(marker):
+        console.print(f"embeddings of {spec.name}: reusing {uri}")
+    else:
+        if fs.exists(path):  # an interrupted pass: its files are incomplete
+            fs.rm(path, recursive=True)
+        console.print(f"embeddings of {spec.name}: one pass over {', '.join(sources)} → {uri}")
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        filesystem = PyFileSystem(FSSpecHandler(fs)) if task.storage_options else None
+        embed_dataset(read_task_windows(task, sources), blob, path if filesystem else uri, task.embed,
+                      filesystem=filesystem)
+        fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources}).encode())
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+# ------------------------------------------------------------------------------------------ trial
+
+def probe_trial(config: dict, *, context: TrialContext, z_train: np.ndarray, y_train: np.ndarray,
+                z_val: np.ndarray, val: LabelledWindows, epochs: int, batch_size: int, seed: int) -> None:
+    """One Tune trial: a linear probe with this config's lr and weight decay, reported every epoch."""
+    import mlflow
+    from ray import tune
+
+    with trial_run(context, config):
+        best = -math.inf
+        for step in train_probe(z_train, y_train, lr=config["lr"], weight_decay=config["weight_decay"],
+                                epochs=epochs, batch_size=batch_size, seed=seed):
+            auroc = val.macro_auroc(predict_probe(step.model, z_val))
+            metrics = {"epoch": step.epoch, "train_loss": step.train_loss, METRIC: auroc}
+            mlflow.log_metrics(metrics, step=step.epoch)
+            if auroc > best:
+                best = auroc
+                with tempfile.TemporaryDirectory() as folder:
+                    torch.save(step.model.state_dict(), os.path.join(folder, PROBE_FILE))
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            else:
+                tune.report(metrics)
+
+
+def load_probe(result, dim: int, num_classes: int) -> LinearProbe:
+    checkpoint = result.get_best_checkpoint(METRIC, "max")
+    model = LinearProbe(torch.zeros(dim), torch.ones(dim), num_classes)
+    with checkpoint.as_directory() as folder:
+        model.load_state_dict(torch.load(os.path.join(folder, PROBE_FILE), weights_only=True))
+    return model
+
+
+# ---------------------------------------------------------------------------------------- command
+
+def run(task: TaskConfig | str | Path, overrides: dict | None = None,
+        encoders: list[str] | None = None) -> list[SweepResult]:
+    """Probe every selected encoder of the task at every label fraction; one SweepResult per sweep."""
+    from crema.tracking import dataset_tags
+
+    task = prepare_task(task, overrides)
+    specs = select_encoders(task, "probe", encoders)
+    init_ray()
+    tags = dataset_tags(task.dataset, task.storage_options)
+    sources = task_sources(task, [s for s in tags["dataset_sources"].split(",") if s])
+    sweep = task.probe
+    results = []
+    for spec in specs:
+        blob = encoder_bytes(build_task_encoder(spec, task))
+        roles = split_roles(task_embeddings(task, spec, blob, sources, tags), task)
+        val = LabelledWindows.from_table(roles["val"], task.classes)
+        test = LabelledWindows.from_table(roles["test"], task.classes)
+        z_val, z_test = embedding_matrix(roles["val"]), embedding_matrix(roles["test"])
+        for fraction in task.label_fractions:
+            train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
+            y_train = LabelledWindows.from_table(train, task.classes).y
+
+            def score_best(result, tags: dict[str, str]) -> BestTrialScores:
+                model = load_probe(result, z_val.shape[1], len(task.classes))
+                return BestTrialScores(predict_probe(model, z_val), predict_probe(model, z_test))
+
+            results.append(run_sweep(
+                task=task, method="probe", spec=spec, fraction=fraction, sweep=sweep, trainable=probe_trial,
+                trial_inputs=dict(z_train=embedding_matrix(train), y_train=y_train, z_val=z_val, val=val,
+                                  epochs=sweep.epochs, batch_size=sweep.batch_size, seed=task.seed),
+                hyperparameters=HYPERPARAMETERS,
+                resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
+                val=val, test=test, n_train_windows=train.num_rows, score_best=score_best))
+    return results
+
+
+def print_results(results: list[SweepResult]) -> None:
+    table = Table(title="downstream results (test split, best trial chosen on validation)")
+    for column in ("method", "encoder", "fraction", "trials", "best config", "val AUROC", "test macro AUROC [95% CI]",
+                   "test macro F1", "MLflow run"):
+        table.add_column(column)
+    for r in results:
+        m = r.test_metrics
+        table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", str(r.n_trials),
+                      ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items()), f"{r.val_macro_auroc:.3f}",
+                      f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
+                      f"{m['macro_f1']:.3f}", r.parent_run_id)
+    console.print(table)
+
+
+def main(
+    task: Annotated[Path, typer.Option("--task", "-t", help="Task YAML (configs/tasks/*.yaml)")],
+    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", "-e",
+                                                         help="Only this encoder of the task (repeatable)")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings, e.g. probe.epochs=10")] = None,
+) -> None:
+    """Linear-probe the task's encoders: embeddings in one Ray Data pass, a Ray Tune sweep of heads, MLflow."""
+    try:
+        results = run(task, parse_overrides(overrides or []), encoder or None)
+    except ConfigError as err:
+        console.print(f"[red]invalid configuration:[/red] {err}")
+        raise typer.Exit(2)
+    print_results(results)
+
+
+if __name__ == "__main__":
+    typer.run(main)
