@@ -96,9 +96,9 @@ def actor_pool_size(settings: EmbedSettings, cluster: dict[str, float]) -> tuple
     return max(1, int((cluster.get("CPU", 1) - 1) // settings.cpus_per_actor)), 0.0
 
 
-def embed_dataset(windows, encoder_blob: bytes, output_uri: str, settings: EmbedSettings,
-                  filesystem=None) -> None:
-    """Embed a Ray Dataset of windows (META_COLUMNS + signal, lead_mask) into Parquet files under output_uri."""
+def embed_dataset(windows, encoder_blob: bytes, output_path: str, filesystem=None, *,
+                  settings: EmbedSettings) -> None:
+    """Embed a Ray Dataset of windows (META_COLUMNS + signal, lead_mask) into Parquet files under output_path."""
     import ray
 
     actors, gpus_per_actor = actor_pool_size(settings, ray.cluster_resources())
@@ -114,4 +114,4 @@ def embed_dataset(windows, encoder_blob: bytes, output_uri: str, settings: Embed
         num_gpus=gpus_per_actor or None,
         udf_modifying_row_count=False,
     )
-    embedded.write_parquet(output_uri, filesystem=filesystem)
+    embedded.write_parquet(output_path, filesystem=filesystem)

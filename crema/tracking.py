@@ -32,6 +32,16 @@ def resolve_tracking_uri(configured: str | None, default_dir: str | Path = ".") 
     return f"sqlite:///{Path(default_dir).resolve() / 'mlflow.db'}"
 
 
+SECRET_KEYS = frozenset({"storage_options"})  # fsspec options carry cloud credentials
+
+
+def redact(tree: Mapping) -> dict:
+    """The config without credentials, for params and artifacts that anyone with MLflow access reads."""
+    return {key: "<redacted>" if key in SECRET_KEYS and value else
+            redact(value) if isinstance(value, Mapping) else value
+            for key, value in tree.items()}
+
+
 def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, str]:
     """Nested config → {"optim.lr": "0.001", ...}: MLflow params are flat strings."""
     flat: dict[str, str] = {}

@@ -16,6 +16,7 @@ are tuned on its validation scores, and the test split is scored once, with it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -132,7 +133,8 @@ def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
         if spec.like:
             tags["encoder_like"] = spec.like
         return tags
-    tags["encoder_path"] = spec.path
+    # Not "encoder_path": the pretraining run that wrote the artifact carries that tag, and is found by it.
+    tags["encoder_artifact"] = spec.path
     run_id = spec.mlflow_run_id
     if run_id is None:
         client = MlflowClient(tracking_uri)
@@ -146,19 +148,57 @@ def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
     return tags
 
 
+class TrialReporter:
+    """Inside a trial: each epoch's metrics to MLflow and Tune, with a checkpoint when validation improves."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.epochs_done = 0
+        self.best = -math.inf
+
+    def report(self, metrics: dict[str, float], save_checkpoint: Callable[[str], None]) -> None:
+        """`metrics` holds "epoch" and METRIC; `save_checkpoint(folder)` writes the model into folder."""
+        import mlflow
+        from ray import tune
+
+        mlflow.log_metrics(metrics, step=int(metrics["epoch"]))
+        self.epochs_done = int(metrics["epoch"])
+        if metrics[METRIC] > self.best:
+            self.best = metrics[METRIC]
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+
+
 @contextmanager
-def trial_run(context: TrialContext, params: dict) -> Iterator[None]:
+def trial_run(context: TrialContext, params: dict, epochs: int) -> Iterator[TrialReporter]:
     """Inside a Tune trial: this trial's MLflow run, nested under the sweep's parent run."""
     import mlflow
     from ray import tune
 
     trial = tune.get_context()
     mlflow.set_tracking_uri(context.tracking_uri)
-    with mlflow.start_run(experiment_id=context.experiment_id, run_name=trial.get_trial_name(),
-                          parent_run_id=context.parent_run_id,
-                          tags={**context.tags, KIND_TAG: "trial", "ray_trial_id": trial.get_trial_id()}):
+    mlflow.start_run(experiment_id=context.experiment_id, run_name=trial.get_trial_name(),
+                     parent_run_id=context.parent_run_id,
+                     tags={**context.tags, KIND_TAG: "trial", "ray_trial_id": trial.get_trial_id()})
+    reporter = TrialReporter(epochs)
+    try:
         mlflow.log_params(params)
-        yield
+        yield reporter
+    except SystemExit:
+        # Tune ends a trial by raising SystemExit in its next report: after max_t, or when ASHA stops it.
+        # The driver records the same outcome (_close_trial_runs), in case this process is gone first.
+        stopped = reporter.epochs_done < epochs
+        mlflow.set_tag("stopped_early", str(stopped).lower())
+        mlflow.end_run("KILLED" if stopped else "FINISHED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.set_tag("stopped_early", "false")
+    mlflow.end_run("FINISHED")
 
 
 # ------------------------------------------------------------------------------------------ Tune
@@ -191,8 +231,9 @@ def _tune(trainable, *, sweep: SweepConfig, param_space: dict, resources: dict, 
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space=param_space,
+        # Reused actors spare each trial a process start and the torch/MLflow imports (seconds per trial).
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
-                                    max_concurrent_trials=sweep.max_concurrent_trials),
+                                    max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, verbose=1,
             # Trials report a checkpoint only when their validation score improves: the one kept is their best.
@@ -222,8 +263,7 @@ def _close_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str,
             raise RuntimeError(f"trial {result.metrics.get('trial_id')} left no MLflow run under {parent_run_id}")
         stopped = result.metrics.get("training_iteration", 0) < epochs
         client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
-        # ASHA stops every trial, the ones at max_t included, by ending its process mid-report: the run
-        # is left RUNNING or FAILED whatever happened. Failed trials raised above, so this is the truth.
+        # The trial may have been ended before it could close its own run (trial_run): close it the same way.
         client.set_terminated(run.info.run_id, "KILLED" if stopped else "FINISHED")
         if result.metrics.get("trial_id") == best.metrics.get("trial_id"):
             client.set_tag(run.info.run_id, "best_trial", "true")
@@ -280,6 +320,16 @@ def _dataset_tags(task: TaskConfig) -> dict[str, str]:
     return tags
 
 
+def check_evaluable(task: TaskConfig, val: LabelledWindows, test: LabelledWindows) -> None:
+    """Validation must rank trials and test must score them: each needs a class with both label values."""
+    for role, windows in (("val", val), ("test", test)):
+        _, labels, _, _ = windows.records(np.zeros(windows.y.shape))
+        positives = labels.sum(axis=0)
+        if not ((positives > 0) & (positives < len(labels))).any():
+            raise ConfigError(f"task {task.name}: no class of {task.classes} has both positive and negative "
+                              f"{role} records ({len(labels)} records): AUROC is undefined")
+
+
 def run_sweep(*, task: TaskConfig, method: str, spec: EncoderSpec, fraction: float, sweep: SweepConfig,
               trainable: Callable, trial_inputs: dict, hyperparameters: tuple[str, ...], resources: dict,
               val: LabelledWindows, test: LabelledWindows, n_train_windows: int,
@@ -292,8 +342,9 @@ def run_sweep(*, task: TaskConfig, method: str, spec: EncoderSpec, fraction: flo
     import mlflow
     from ray import tune
 
-    from crema.tracking import flatten_params, resolve_tracking_uri
+    from crema.tracking import flatten_params, redact, resolve_tracking_uri
 
+    check_evaluable(task, val, test)
     tracking_uri = resolve_tracking_uri(task.tracking.tracking_uri)
     experiment_id = ensure_experiment(tracking_uri, task.tracking.experiment)
     mlflow.set_tracking_uri(tracking_uri)
@@ -310,7 +361,7 @@ def run_sweep(*, task: TaskConfig, method: str, spec: EncoderSpec, fraction: flo
                                           "n_boot": task.n_boot, "seed": task.seed}))
         mlflow.log_params({"n_train_windows": n_train_windows, "n_val_windows": len(val),
                            "n_test_windows": len(test)})
-        mlflow.log_text(yaml.safe_dump(task.model_dump(mode="json"), sort_keys=False), "task.yaml")
+        mlflow.log_text(yaml.safe_dump(redact(task.model_dump(mode="json")), sort_keys=False), "task.yaml")
         context = TrialContext(tracking_uri, experiment_id, parent.info.run_id, tags)
         grid = _tune(tune.with_parameters(trainable, context=context, **trial_inputs), sweep=sweep,
                      param_space=search_space(sweep, hyperparameters), resources=resources,

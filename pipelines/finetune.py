@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -58,13 +58,10 @@ def finetune_trial(config: dict, *, context: TrialContext, encoder_blob: bytes, 
                    y_train: np.ndarray, val_windows: pa.Table, val: LabelledWindows, sweep: SweepConfig,
                    seed: int) -> None:
     """One Tune trial: fine-tune encoder + head with this config, report the val macro AUROC every epoch."""
-    import mlflow
-    from ray import tune
-
     torch.manual_seed(seed)
     device = trial_device()
     dtype = amp_dtype(sweep.precision, device)
-    with trial_run(context, config):
+    with trial_run(context, config, sweep.epochs) as reporter:
         model = build_classifier(encoder_blob, config["drop_path"], y_train.shape[1], device)
         optimizer = build_optimizer(model, lr=config["lr"], weight_decay=config["weight_decay"],
                                     layer_decay=config["layer_decay"])
@@ -72,23 +69,14 @@ def finetune_trial(config: dict, *, context: TrialContext, encoder_blob: bytes, 
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(sweep.warmup_epochs * steps_per_epoch, sweep.epochs * steps_per_epoch))
         loss_fn = multilabel_loss(y_train)
-        best = -math.inf
         for epoch in range(1, sweep.epochs + 1):
             train_loss = train_one_epoch(
                 model, window_batches(train, y_train, sweep.batch_size, seed=seed + epoch), optimizer, scheduler,
                 loss_fn, device=device, amp_dtype=dtype, clip_grad=sweep.clip_grad)
             scores = predict(model, window_batches(val_windows, None, sweep.batch_size), device=device,
                              amp_dtype=dtype)
-            auroc = val.macro_auroc(scores)
-            metrics = {"epoch": epoch, "train_loss": train_loss, METRIC: auroc}
-            mlflow.log_metrics(metrics, step=epoch)
-            if auroc > best:
-                best = auroc
-                with tempfile.TemporaryDirectory() as folder:
-                    torch.save(model.state_dict(), os.path.join(folder, STATE_FILE))
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-            else:
-                tune.report(metrics)
+            metrics = {"epoch": epoch, "train_loss": train_loss, METRIC: val.macro_auroc(scores)}
+            reporter.report(metrics, lambda folder: torch.save(model.state_dict(), os.path.join(folder, STATE_FILE)))
 
 
 def score_windows(model: Classifier, batch_size: int, precision: str, *tables: pa.Table) -> list[np.ndarray]:
@@ -117,6 +105,18 @@ def log_classifier(model: Classifier, config: dict, tags: dict[str, str], sweep:
     return info.model_uri
 
 
+def score_best_classifier(result, tags: dict[str, str], *, encoder_blob: bytes, num_classes: int,
+                          sweep: SweepConfig, score_task, tables: tuple) -> BestTrialScores:
+    """Score val and test with the chosen checkpoint (in a Ray task with a trial's resources), then log it."""
+    import ray
+
+    model = build_classifier(encoder_blob, result.config["drop_path"], num_classes)
+    with result.get_best_checkpoint(METRIC, "max").as_directory() as folder:
+        model.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True))
+    val_scores, test_scores = ray.get(score_task.remote(model, sweep.batch_size, sweep.precision, *tables))
+    return BestTrialScores(val_scores, test_scores, log_classifier(model, result.config, tags, sweep))
+
+
 def read_role_windows(task: TaskConfig) -> dict[str, pa.Table]:
     table = read_windows(task.dataset, columns=[*SIGNAL_COLUMNS, *META_COLUMNS],
                          filter=role_filter(task, "train") | role_filter(task, "val") | role_filter(task, "test"),
@@ -139,21 +139,12 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     roles = read_role_windows(task)
     val = LabelledWindows.from_table(roles["val"], task.classes)
     test = LabelledWindows.from_table(roles["test"], task.classes)
-    val_ref = ray.put(roles["val"])
-    test_ref = ray.put(roles["test"])
+    val_ref, test_ref = ray.put(roles["val"]), ray.put(roles["test"])
     results = []
     for spec in specs:
         blob = encoder_bytes(build_task_encoder(spec, task))
         for fraction in task.label_fractions:
             train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
-
-            def score_best(result, tags: dict[str, str]) -> BestTrialScores:
-                model = build_classifier(blob, result.config["drop_path"], len(task.classes))
-                with result.get_best_checkpoint(METRIC, "max").as_directory() as folder:
-                    model.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True))
-                val_scores, test_scores = ray.get(score_task.remote(model, sweep.batch_size, sweep.precision,
-                                                                    val_ref, test_ref))
-                return BestTrialScores(val_scores, test_scores, log_classifier(model, result.config, tags, sweep))
 
             results.append(run_sweep(
                 task=task, method="finetune", spec=spec, fraction=fraction, sweep=sweep, trainable=finetune_trial,
@@ -161,7 +152,9 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
                                   y_train=LabelledWindows.from_table(train, task.classes).y,
                                   val_windows=roles["val"], val=val, sweep=sweep, seed=task.seed),
                 hyperparameters=HYPERPARAMETERS, resources=resources, val=val, test=test,
-                n_train_windows=train.num_rows, score_best=score_best))
+                n_train_windows=train.num_rows,
+                score_best=partial(score_best_classifier, encoder_blob=blob, num_classes=len(task.classes), sweep=sweep,
+                                   score_task=score_task, tables=(val_ref, test_ref))))
     return results
 
 

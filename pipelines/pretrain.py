@@ -12,6 +12,12 @@ times. A checkpoint holds the model, optimiser, LR schedule, epoch and the steps
 A resumed epoch takes only its remaining steps, from a fresh shuffle of the split: the step count,
 learning-rate schedule and optimiser state continue exactly, but the sample order is not replayed
 (Ray Data's streaming split hands out blocks dynamically, so there is no position to seek back to).
+A checkpoint counts once Ray has registered it (it polls the workers every few seconds): one whose
+worker died within that window is lost with it, and the job resumes from the one before.
+
+Tracking. Rank 0 alone talks to MLflow (`tracking.tracking_uri`; on a multi-node cluster, an MLflow
+server that every node reaches). Step metrics are logged asynchronously and flushed before each
+checkpoint, so whatever a checkpoint covers is also in MLflow.
 
 Every rank takes the same number of steps per epoch: the driver computes it from the row counts,
 the split is equal (Ray Train's default), and the last uneven batch is dropped. Uneven steps
@@ -54,7 +60,7 @@ from crema.engine import StepStats, evaluate, train_one_epoch, warmup_cosine
 from crema.model import CREMA, save_encoder
 from crema.plots import plot_reconstruction
 from crema.tracking import (copy_to_storage, dataset_tags, find_run, flatten_params, git_commit, log_figure,
-                            log_new_params, resolve_tracking_uri, start_or_resume_run)
+                            log_new_params, redact, resolve_tracking_uri, start_or_resume_run)
 from pipelines.common import init_ray
 
 console = Console()
@@ -272,10 +278,11 @@ def log_reconstruction(model, window: dict, device: torch.device, epoch: int, se
 
 def _start_tracking(cfg: PretrainConfig, config: dict, resumed_from: Position | None) -> None:
     _, resumed = start_or_resume_run(cfg.name, cfg.tracking.experiment, config["tracking_uri"])
-    log_new_params(flatten_params(config["cfg"]))
+    public = redact(config["cfg"])
+    log_new_params(flatten_params(public))
     mlflow.set_tags(config["tags"])
     if not resumed:
-        mlflow.log_text(yaml.safe_dump(config["cfg"], sort_keys=False), "config.yaml")
+        mlflow.log_text(yaml.safe_dump(public, sort_keys=False), "config.yaml")
     if resumed_from is not None:
         mlflow.log_metric("resumed_from_step", resumed_from.global_step, step=resumed_from.global_step)
 

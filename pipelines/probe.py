@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crema.config import ConfigError, EncoderSpec, TaskConfig, parse_overrides
-from crema.dataset import HIVE_PARTITIONING, windows_uri
+from crema.dataset import windows_uri
 from crema.embed import embed_dataset, embedding_matrix
 from crema.probe import LinearProbe, predict_probe, train_probe
 from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, build_task_encoder, encoder_bytes,
@@ -54,26 +53,27 @@ DEMO_OVERRIDES = {"probe.epochs": 8, "probe.grace_period": 2, "probe.num_samples
 
 # ------------------------------------------------------------------------------------- embeddings
 
-def _filesystem(task: TaskConfig, uri: str):
+def ray_filesystem(task: TaskConfig, uri: str):
+    """(path, filesystem) for Ray/pyarrow: the task's fsspec options as a pyarrow filesystem when it has any."""
+    if not task.storage_options:
+        return uri, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
     fs, path = url_to_fs(uri, **task.storage_options)
-    return fs, path
+    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 def read_task_windows(task: TaskConfig, sources: list[str]):
     """The windows of `sources` as a Ray Dataset (the path filter skips other sources' files unopened)."""
     import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.data.datasource import PathPartitionFilter
     from ray.data.datasource.partitioning import Partitioning
 
-    uri = windows_uri(task.dataset)
-    filesystem = None
-    if task.storage_options:
-        fs, uri = _filesystem(task, uri)
-        filesystem = PyFileSystem(FSSpecHandler(fs))
+    path, filesystem = ray_filesystem(task, windows_uri(task.dataset))
     return ray.data.read_parquet(
-        uri, filesystem=filesystem, columns=[*SIGNAL_COLUMNS, *META_COLUMNS], partitioning=Partitioning("hive"),
-        partition_filter=PathPartitionFilter.of(lambda keys: keys.get("source") in sources, style="hive"))
+        path, filesystem=filesystem, partitioning=Partitioning("hive"),
+        partition_filter=PathPartitionFilter.of(lambda keys: keys.get("source") in sources, style="hive"),
+    ).select_columns([*SIGNAL_COLUMNS, *META_COLUMNS])
 
 
 def embeddings_key(blob: bytes, dataset_tags: dict[str, str], sources: list[str]) -> str:
@@ -88,7 +88,7 @@ def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: l
                     dataset_tags: dict[str, str]) -> pa.Table:
     """Every window of `sources` embedded by the encoder: computed once, then read back from Parquet."""
     uri = f"{task.output.rstrip('/')}/{task.name}/embeddings/{spec.name}-{embeddings_key(blob, dataset_tags, sources)}"
-    fs, path = _filesystem(task, uri)
+    fs, path = url_to_fs(uri, **task.storage_options)
     marker = f"{path}/{COMPLETE_MARKER}"
     if fs.exists(marker):
         console.print(f"embeddings of {spec.name}: reusing {uri}")
@@ -96,11 +96,7 @@ def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: l
         if fs.exists(path):  # an interrupted pass: its files are incomplete
             fs.rm(path, recursive=True)
         console.print(f"embeddings of {spec.name}: one pass over {', '.join(sources)} → {uri}")
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        filesystem = PyFileSystem(FSSpecHandler(fs)) if task.storage_options else None
-        embed_dataset(read_task_windows(task, sources), blob, path if filesystem else uri, task.embed,
-                      filesystem=filesystem)
+        embed_dataset(read_task_windows(task, sources), blob, *ray_filesystem(task, uri), settings=task.embed)
         fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources}).encode())
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
@@ -110,23 +106,13 @@ def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: l
 def probe_trial(config: dict, *, context: TrialContext, z_train: np.ndarray, y_train: np.ndarray,
                 z_val: np.ndarray, val: LabelledWindows, epochs: int, batch_size: int, seed: int) -> None:
     """One Tune trial: a linear probe with this config's lr and weight decay, reported every epoch."""
-    import mlflow
-    from ray import tune
-
-    with trial_run(context, config):
-        best = -math.inf
+    with trial_run(context, config, epochs) as reporter:
         for step in train_probe(z_train, y_train, lr=config["lr"], weight_decay=config["weight_decay"],
                                 epochs=epochs, batch_size=batch_size, seed=seed):
-            auroc = val.macro_auroc(predict_probe(step.model, z_val))
-            metrics = {"epoch": step.epoch, "train_loss": step.train_loss, METRIC: auroc}
-            mlflow.log_metrics(metrics, step=step.epoch)
-            if auroc > best:
-                best = auroc
-                with tempfile.TemporaryDirectory() as folder:
-                    torch.save(step.model.state_dict(), os.path.join(folder, PROBE_FILE))
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-            else:
-                tune.report(metrics)
+            metrics = {"epoch": step.epoch, "train_loss": step.train_loss,
+                       METRIC: val.macro_auroc(predict_probe(step.model, z_val))}
+            reporter.report(metrics, lambda folder: torch.save(step.model.state_dict(),
+                                                               os.path.join(folder, PROBE_FILE)))
 
 
 def load_probe(result, dim: int, num_classes: int) -> LinearProbe:
@@ -135,6 +121,13 @@ def load_probe(result, dim: int, num_classes: int) -> LinearProbe:
     with checkpoint.as_directory() as folder:
         model.load_state_dict(torch.load(os.path.join(folder, PROBE_FILE), weights_only=True))
     return model
+
+
+def score_best_probe(result, tags: dict[str, str], *, z_val: np.ndarray, z_test: np.ndarray,
+                     num_classes: int) -> BestTrialScores:
+    """The chosen probe's window scores on val and test (a head on embeddings: cheap, in the driver)."""
+    model = load_probe(result, z_val.shape[1], num_classes)
+    return BestTrialScores(predict_probe(model, z_val), predict_probe(model, z_test))
 
 
 # ---------------------------------------------------------------------------------------- command
@@ -160,33 +153,47 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         for fraction in task.label_fractions:
             train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
             y_train = LabelledWindows.from_table(train, task.classes).y
-
-            def score_best(result, tags: dict[str, str]) -> BestTrialScores:
-                model = load_probe(result, z_val.shape[1], len(task.classes))
-                return BestTrialScores(predict_probe(model, z_val), predict_probe(model, z_test))
-
             results.append(run_sweep(
                 task=task, method="probe", spec=spec, fraction=fraction, sweep=sweep, trainable=probe_trial,
                 trial_inputs=dict(z_train=embedding_matrix(train), y_train=y_train, z_val=z_val, val=val,
                                   epochs=sweep.epochs, batch_size=sweep.batch_size, seed=task.seed),
                 hyperparameters=HYPERPARAMETERS,
                 resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
-                val=val, test=test, n_train_windows=train.num_rows, score_best=score_best))
+                val=val, test=test, n_train_windows=train.num_rows,
+                score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes))))
+    return results
+
+
+def run_demo(task: str | Path, *, dataset: str, encoder: str, encoder_run_id: str | None,
+             tracking_uri: str) -> list[SweepResult]:
+    """The probe step of `crema demo`: the pretrained encoder against the random-init baseline, demo-sized."""
+    overrides = {
+        **DEMO_OVERRIDES, "dataset": dataset, "output": str(Path(dataset).parent / "downstream"),
+        "tracking.tracking_uri": tracking_uri,
+        "encoders": [{"name": "crema", "path": encoder, "mlflow_run_id": encoder_run_id,
+                      "description": "CR-MAE pretrained by this demo"},
+                     {"name": "random_init", "init": "random", "like": "crema",
+                      "description": "random initialisation, same architecture"}],
+    }
+    results = run(task, overrides)
+    print_results(results)
     return results
 
 
 def print_results(results: list[SweepResult]) -> None:
-    table = Table(title="downstream results (test split, best trial chosen on validation)")
-    for column in ("method", "encoder", "fraction", "trials", "best config", "val AUROC", "test macro AUROC [95% CI]",
-                   "test macro F1", "MLflow run"):
+    table = Table(title="test split, best trial chosen on validation")
+    for column in ("method", "encoder", "fraction", "trials", "val AUROC", "test AUROC [95% CI]", "test F1"):
         table.add_column(column)
     for r in results:
         m = r.test_metrics
-        table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", str(r.n_trials),
-                      ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items()), f"{r.val_macro_auroc:.3f}",
+        table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", str(r.n_trials), f"{r.val_macro_auroc:.3f}",
                       f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
-                      f"{m['macro_f1']:.3f}", r.parent_run_id)
+                      f"{m['macro_f1']:.3f}")
     console.print(table)
+    for r in results:
+        best = ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items())
+        console.print(f"{r.method} {r.encoder} @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
+                      + (f"; model {r.model_uri}" if r.model_uri else ""))
 
 
 def main(

@@ -27,7 +27,8 @@ from crema.dataset import read_windows
 from crema.embed import embed_windows, embedding_matrix
 from crema.engine import train_one_epoch, warmup_cosine
 from crema.ingest import ingest
-from crema.model import CREMA, load_encoder, save_encoder
+from crema.finetune import Classifier, build_optimizer
+from crema.model import CREMA, SiTEncoder, load_encoder, save_encoder
 from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, build_task_encoder, encoder_bytes, label_fraction_subset,
                          load_task, record_keys, split_roles)
 from pipelines import compare, finetune, probe
@@ -159,7 +160,7 @@ def test_probe_sweep_leaves_parent_run_with_nested_trials_and_artifacts(probe_re
         assert auroc.value == pytest.approx(parent.data.metrics["test_macro_auroc"])
         assert auroc.ci_low <= auroc.value <= auroc.ci_high
     crema_tags = client.get_run(probe_results[0].parent_run_id).data.tags
-    assert crema_tags["encoder_path"] == str(pretrained[0])
+    assert crema_tags["encoder_artifact"] == str(pretrained[0])
     assert crema_tags["encoder_run_id"] == pretrained[1]
 
 
@@ -247,7 +248,7 @@ def test_finetune_starts_from_the_pretrained_weights(finetune_result, pretrained
 
     # What a trial builds before its first step: the artifact's weights (not a fresh init) under drop path.
     built = finetune.build_classifier(encoder_bytes(build_task_encoder(task.encoders[0], task)), 0.1, len(CLASSES))
-    assert built.encoder.cfg.drop_path == 0.1
+    assert built.encoder.cfg.drop_path == 0.1 and built.encoder.blocks[-1].drop_path.rate == pytest.approx(0.1)
     for name, tensor in built.encoder.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
 
@@ -261,13 +262,29 @@ def test_finetune_starts_from_the_pretrained_weights(finetune_result, pretrained
 
     client = MlflowClient(tracking_uri)
     tags = client.get_run(finetune_result.parent_run_id).data.tags
-    assert (tags["method"], tags["encoder_path"], tags["encoder_run_id"]) == \
+    assert (tags["method"], tags["encoder_artifact"], tags["encoder_run_id"]) == \
         ("finetune", str(encoder_path), pretrain_run_id)
     (version,) = client.search_model_versions("name = 'crema-test-superdiagnostic'")
     assert version.run_id == finetune_result.parent_run_id
     assert version.tags["encoder_run_id"] == pretrain_run_id
     assert finetune_result.best_config["drop_path"] == 0.1
     assert 0 <= finetune_result.test_metrics["macro_auroc"] <= 1
+
+
+def test_finetune_optimizer_decays_the_rate_by_layer_and_keeps_the_head_at_full_rate():
+    encoder = SiTEncoder(ModelConfig(**TINY))
+    model = Classifier(encoder, len(CLASSES))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert len(group_of) == len(list(model.parameters()))  # every parameter in exactly one group
+    # Layers: 0 embeddings, 1..depth blocks, depth + 1 the final norm; scale = decay ** (depth + 1 - layer).
+    expected = {model.head.weight: 1.0, model.head.bias: 1.0, encoder.norm.weight: 1.0,
+                encoder.blocks[1].mlp[0].weight: 0.5, encoder.blocks[0].attn.qkv.weight: 0.25,
+                encoder.patch_embed.proj.weight: 0.125, encoder.sep_token: 0.125}
+    for param, scale in expected.items():
+        assert group_of[id(param)]["lr"] == pytest.approx(1e-3 * scale)
+    assert group_of[id(model.head.weight)]["weight_decay"] == 0.05
+    assert group_of[id(model.head.bias)]["weight_decay"] == group_of[id(encoder.sep_token)]["weight_decay"] == 0.0
 
 
 def test_compare_table_lists_encoders_and_baselines_by_task(probe_results, finetune_result, tracking_uri):

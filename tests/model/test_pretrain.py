@@ -13,7 +13,7 @@ import s3fs
 import torch
 from mlflow.tracking import MlflowClient
 
-from crema.config import ConfigError, ModelConfig, PretrainConfig
+from crema.config import ConfigError, ModelConfig, PretrainConfig, load_yaml
 from crema.data import MODEL_COLUMNS, iter_table_batches
 from crema.dataset import read_windows
 from crema.engine import evaluate, train_one_epoch, warmup_cosine
@@ -60,6 +60,43 @@ def test_loss_falls_on_real_ptbxl_windows(windows_120):
     assert sum(s.loss for s in seen[-4:]) < 0.8 * sum(s.loss for s in seen[:4])
     assert seen[0].lr < seen[3].lr and seen[-1].lr < seen[4].lr  # warm-up, then cosine decay
     assert all(s.grad_norm > 0 and s.samples_per_s > 0 for s in seen)
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(windows_120):
+    """2 micro-batches of 8 must step exactly as one batch of 16 (the loss is scaled per micro-batch).
+
+    Without the contrastive term the loss is a mean over masked patches, equally many per window,
+    and the masks are drawn from one RNG stream either way, so the two runs must agree to rounding.
+    """
+    import copy
+
+    torch.set_num_threads(2)
+    train = read_windows(str(windows_120), columns=MODEL_COLUMNS, filter=pc.field("split") == "train")
+    torch.manual_seed(0)
+    whole = CREMA(ModelConfig(**{**SMALL_MODEL, "contrastive_weight": 0.0}))
+    accumulated = copy.deepcopy(whole)
+
+    def two_steps(model, batch_size, accum_steps):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        torch.manual_seed(1)
+        seen = []
+        train_one_epoch(model, iter_table_batches(train, batch_size), optimizer, scheduler, num_steps=2,
+                        start_step=0, device=torch.device("cpu"), accum_steps=accum_steps, on_step=seen.append)
+        return [s.loss for s in seen]
+
+    assert two_steps(whole, 16, 1) == pytest.approx(two_steps(accumulated, 8, 2), rel=1e-5)
+    for p, q in zip(whole.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_presets_validate():
+    repo = Path(__file__).resolve().parents[2]
+    tiny = load_yaml(repo / "configs/pretrain/tiny.yaml", PretrainConfig)
+    base = load_yaml(repo / "configs/pretrain/base.yaml", PretrainConfig)
+    assert tiny.model.size == "tiny" and not tiny.scaling.use_gpu and tiny.scaling.num_workers == 1
+    assert base.model.size == "base" and base.scaling.use_gpu and base.scaling.num_workers == 8
+    assert base.precision == "bf16"
 
 
 def pretrain_config(dataset: Path, tmp_path: Path, **changes) -> PretrainConfig:
@@ -191,3 +228,8 @@ def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local,
     run_info = MlflowClient(cfg.tracking.tracking_uri).get_run(result.mlflow_run_id)
     assert run_info.data.tags["dataset"] == "s3://pretrain/dataset"
     assert run_info.data.tags["dataset_sources"] == "ptbxl" and "val_loss" in run_info.data.metrics
+    # The S3 credentials in the config stay out of MLflow.
+    params = run_info.data.params
+    assert params["storage_options"] == params["data.storage_options"] == "<redacted>"
+    config_yaml = mlflow.artifacts.load_text(f"{run_info.info.artifact_uri}/config.yaml")
+    assert "<redacted>" in config_yaml and "secret" not in config_yaml and "endpoint_url" not in config_yaml
