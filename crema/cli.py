@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pipelines import compare as compare_stage
+from pipelines import demo as demo_stage
 from pipelines import finetune as finetune_stage
 from pipelines import ingest as ingest_stage
 from pipelines import pretrain as pretrain_stage
@@ -23,6 +24,7 @@ app.command("pretrain")(pretrain_stage.main)
 app.command("probe")(probe_stage.main)
 app.command("finetune")(finetune_stage.main)
 app.command("compare")(compare_stage.main)
+app.command("demo")(demo_stage.main)
 
 
 @data_app.command("download")

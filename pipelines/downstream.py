@@ -189,7 +189,7 @@ def trial_run(context: TrialContext, params: dict, epochs: int) -> Iterator[Tria
         yield reporter
     except SystemExit:
         # Tune ends a trial by raising SystemExit in its next report: after max_t, or when ASHA stops it.
-        # The driver records the same outcome (_close_trial_runs), in case this process is gone first.
+        # The driver records the outcome itself (_close_trial_runs) if this process is gone first.
         stopped = reporter.epochs_done < epochs
         mlflow.set_tag("stopped_early", str(stopped).lower())
         mlflow.end_run("KILLED" if stopped else "FINISHED")
@@ -249,8 +249,18 @@ def _tune(trainable, *, sweep: SweepConfig, param_space: dict, resources: dict, 
     return grid
 
 
+def _settled_run(client, run_id: str, timeout_s: float = 30.0):
+    """The run once its trial has closed it (trial_run), or as it is after timeout_s (a process killed first)."""
+    deadline = time.monotonic() + timeout_s
+    run = client.get_run(run_id)
+    while run.info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = client.get_run(run_id)
+    return run
+
+
 def _close_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, grid, best, epochs: int) -> str:
-    """Tag the best trial's run and the early-stopped ones; returns the best trial's run id."""
+    """Tag the best trial's run, close any run its trial could not; returns the best trial's run id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -261,10 +271,12 @@ def _close_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str,
         run = by_trial.get(result.metrics.get("trial_id"))
         if run is None:
             raise RuntimeError(f"trial {result.metrics.get('trial_id')} left no MLflow run under {parent_run_id}")
-        stopped = result.metrics.get("training_iteration", 0) < epochs
-        client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
-        # The trial may have been ended before it could close its own run (trial_run): close it the same way.
-        client.set_terminated(run.info.run_id, "KILLED" if stopped else "FINISHED")
+        # Waiting first: a trial still closing its own run would race these writes (SQLite rejects the twin tag).
+        run = _settled_run(client, run.info.run_id)
+        if "stopped_early" not in run.data.tags:
+            stopped = result.metrics.get("training_iteration", 0) < epochs
+            client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
+            client.set_terminated(run.info.run_id, "KILLED" if stopped else "FINISHED")
         if result.metrics.get("trial_id") == best.metrics.get("trial_id"):
             client.set_tag(run.info.run_id, "best_trial", "true")
             best_run_id = run.info.run_id
