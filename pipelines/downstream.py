@@ -24,17 +24,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig, parse_overrides
 from crema.metrics import evaluate, macro_auroc, metrics_table, roc_curve_figure, tune_thresholds
 from crema.tasks import LabelledWindows, encoder_exists, load_task, with_absolute_paths
+from crema.tracking import ensure_experiment
 
 METRIC = "val_macro_auroc"
 KIND_TAG = "crema.kind"  # "sweep" on a parent run, "trial" on its children
+
+
+console = Console()
 
 
 @dataclass(frozen=True)
@@ -100,26 +109,6 @@ def select_encoders(task: TaskConfig, method: str, names: list[str] | None) -> l
 
 
 # ---------------------------------------------------------------------------------------- MLflow
-
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """The experiment's id, creating it if new; with a SQLite store, artifacts go beside the database."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = Path(tracking_uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by a concurrent stage: use theirs
-        existing = client.get_experiment_by_name(name)
-        if existing is None:
-            raise
-        return existing.experiment_id
-
 
 def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
     """Tags that tie a downstream run to its encoder: the artifact and the pretraining run that wrote it."""
@@ -273,9 +262,10 @@ def _close_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str,
             raise RuntimeError(f"trial {result.metrics.get('trial_id')} left no MLflow run under {parent_run_id}")
         # Waiting first: a trial still closing its own run would race these writes (SQLite rejects the twin tag).
         run = _settled_run(client, run.info.run_id)
-        if "stopped_early" not in run.data.tags:
+        if run.info.status == "RUNNING":  # the trial's process ended before it closed its run
             stopped = result.metrics.get("training_iteration", 0) < epochs
-            client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
+            if "stopped_early" not in run.data.tags:
+                client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
             client.set_terminated(run.info.run_id, "KILLED" if stopped else "FINISHED")
         if result.metrics.get("trial_id") == best.metrics.get("trial_id"):
             client.set_tag(run.info.run_id, "best_trial", "true")
@@ -358,7 +348,7 @@ def run_sweep(*, task: TaskConfig, method: str, spec: EncoderSpec, fraction: flo
 
     check_evaluable(task, val, test)
     tracking_uri = resolve_tracking_uri(task.tracking.tracking_uri)
-    experiment_id = ensure_experiment(tracking_uri, task.tracking.experiment)
+    experiment_id = ensure_experiment(task.tracking.experiment, tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     tags = {
         "task": task.name, "method": method, "label_fraction": f"{fraction:g}",
@@ -388,3 +378,41 @@ def run_sweep(*, task: TaskConfig, method: str, spec: EncoderSpec, fraction: flo
         val_auroc, results = log_test_evaluation(task, val, test, scores)
     return SweepResult(task.name, method, spec.name, fraction, parent.info.run_id, best_run_id, best_config,
                        val_auroc, results, len(grid), scores.model_uri, tags)
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+def print_results(results: list[SweepResult]) -> None:
+    table = Table(title="test split, best trial chosen on validation")
+    for column in ("method", "encoder", "fraction", "trials", "val AUROC", "test AUROC [95% CI]", "test F1"):
+        table.add_column(column)
+    for r in results:
+        m = r.test_metrics
+        table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", str(r.n_trials), f"{r.val_macro_auroc:.3f}",
+                      f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
+                      f"{m['macro_f1']:.3f}")
+    console.print(table)
+    for r in results:
+        best = ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items())
+        console.print(f"{r.method} {r.encoder} @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
+                      + (f"; model {r.model_uri}" if r.model_uri else ""))
+
+
+def sweep_command(run_stage: Callable[..., list[SweepResult]], doc: str) -> Callable[..., None]:
+    """The typer command of a sweep stage (probe, finetune): same options, same exit codes."""
+
+    def main(
+        task: Annotated[Path, typer.Option("--task", "-t", help="Task YAML (configs/tasks/*.yaml)")],
+        encoder: Annotated[Optional[list[str]], typer.Option(
+            "--encoder", "-e", help="Only this encoder of the task (repeatable)")] = None,
+        overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings, e.g. probe.epochs=10")] = None,
+    ) -> None:
+        try:
+            results = run_stage(task, parse_overrides(overrides or []), encoder or None)
+        except ConfigError as err:
+            console.print(f"[red]invalid configuration:[/red] {err}")
+            raise typer.Exit(2)
+        print_results(results)
+
+    main.__doc__ = doc
+    return main

@@ -19,7 +19,6 @@ import math
 import os
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +26,7 @@ import torch
 import typer
 from rich.console import Console
 
-from crema.config import ConfigError, SweepConfig, TaskConfig, parse_overrides
+from crema.config import SweepConfig, TaskConfig
 from crema.dataset import read_windows
 from crema.engine import warmup_cosine
 from crema.finetune import (Classifier, build_optimizer, multilabel_loss, predict, train_one_epoch,
@@ -35,9 +34,8 @@ from crema.finetune import (Classifier, build_optimizer, multilabel_loss, predic
 from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, amp_dtype, build_task_encoder,
                          encoder_bytes, encoder_from_bytes, label_fraction_subset, role_filter, split_roles)
 from pipelines.common import init_ray
-from pipelines.downstream import (METRIC, BestTrialScores, SweepResult, TrialContext, cluster_gpus, prepare_task,
+from pipelines.downstream import (METRIC, sweep_command, BestTrialScores, SweepResult, TrialContext, cluster_gpus, prepare_task,
                                   run_sweep, select_encoders, trial_run)
-from pipelines.probe import print_results
 
 console = Console()
 STATE_FILE = "classifier.pt"
@@ -158,19 +156,8 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     return results
 
 
-def main(
-    task: Annotated[Path, typer.Option("--task", "-t", help="Task YAML (configs/tasks/*.yaml)")],
-    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", "-e",
-                                                         help="Only this encoder of the task (repeatable)")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings, e.g. finetune.epochs=10")] = None,
-) -> None:
-    """Fine-tune the task's encoders (layer decay, drop path) in a Ray Tune sweep; best model to MLflow."""
-    try:
-        results = run(task, parse_overrides(overrides or []), encoder or None)
-    except ConfigError as err:
-        console.print(f"[red]invalid configuration:[/red] {err}")
-        raise typer.Exit(2)
-    print_results(results)
+main = sweep_command(run, "Fine-tune the task's encoders (layer decay, drop path) in a Ray Tune sweep; best "
+                           "model to MLflow.")
 
 
 if __name__ == "__main__":

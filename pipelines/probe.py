@@ -19,7 +19,6 @@ import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -28,16 +27,15 @@ import torch
 import typer
 from fsspec.core import url_to_fs
 from rich.console import Console
-from rich.table import Table
 
-from crema.config import ConfigError, EncoderSpec, TaskConfig, parse_overrides
+from crema.config import EncoderSpec, TaskConfig
 from crema.dataset import windows_uri
 from crema.embed import embed_dataset, embedding_matrix
 from crema.probe import LinearProbe, predict_probe, train_probe
 from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, build_task_encoder, encoder_bytes,
                          label_fraction_subset, split_roles, task_sources)
 from pipelines.common import init_ray
-from pipelines.downstream import (METRIC, BestTrialScores, SweepResult, TrialContext, prepare_task, run_sweep,
+from pipelines.downstream import (METRIC, print_results, sweep_command, BestTrialScores, SweepResult, TrialContext, prepare_task, run_sweep,
                                   select_encoders, trial_run)
 
 console = Console()
@@ -164,51 +162,20 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     return results
 
 
-def run_demo(task: str | Path, *, dataset: str, encoder: str, encoder_run_id: str | None,
-             tracking_uri: str) -> list[SweepResult]:
-    """The probe step of `crema demo`: the pretrained encoder against the random-init baseline, demo-sized."""
-    overrides = {
-        **DEMO_OVERRIDES, "dataset": dataset, "output": str(Path(dataset).parent / "downstream"),
-        "tracking.tracking_uri": tracking_uri,
-        "encoders": [{"name": "crema", "path": encoder, "mlflow_run_id": encoder_run_id,
-                      "description": "CR-MAE pretrained by this demo"},
-                     {"name": "random_init", "init": "random", "like": "crema",
-                      "description": "random initialisation, same architecture"}],
-    }
+def run_demo(task: str | Path, *, dataset: str, encoders: list[dict], tracking_uri: str) -> list[SweepResult]:
+    """The probe step of `crema demo`: its pretrained encoders (EncoderSpec dicts) and a random-init
+    baseline of the same architecture, in a sweep small enough for 2 CPUs."""
+    random_init = {"name": "random_init", "init": "random", "like": encoders[0]["name"],
+                   "description": "random initialisation, same architecture"}
+    overrides = {**DEMO_OVERRIDES, "dataset": dataset, "output": str(Path(dataset).parent / "downstream"),
+                 "tracking.tracking_uri": tracking_uri, "encoders": [*encoders, random_init]}
     results = run(task, overrides)
     print_results(results)
     return results
 
 
-def print_results(results: list[SweepResult]) -> None:
-    table = Table(title="test split, best trial chosen on validation")
-    for column in ("method", "encoder", "fraction", "trials", "val AUROC", "test AUROC [95% CI]", "test F1"):
-        table.add_column(column)
-    for r in results:
-        m = r.test_metrics
-        table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", str(r.n_trials), f"{r.val_macro_auroc:.3f}",
-                      f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
-                      f"{m['macro_f1']:.3f}")
-    console.print(table)
-    for r in results:
-        best = ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items())
-        console.print(f"{r.method} {r.encoder} @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
-                      + (f"; model {r.model_uri}" if r.model_uri else ""))
-
-
-def main(
-    task: Annotated[Path, typer.Option("--task", "-t", help="Task YAML (configs/tasks/*.yaml)")],
-    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", "-e",
-                                                         help="Only this encoder of the task (repeatable)")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings, e.g. probe.epochs=10")] = None,
-) -> None:
-    """Linear-probe the task's encoders: embeddings in one Ray Data pass, a Ray Tune sweep of heads, MLflow."""
-    try:
-        results = run(task, parse_overrides(overrides or []), encoder or None)
-    except ConfigError as err:
-        console.print(f"[red]invalid configuration:[/red] {err}")
-        raise typer.Exit(2)
-    print_results(results)
+main = sweep_command(run, "Linear-probe the task's encoders: embeddings in one Ray Data pass, a Ray Tune sweep "
+                           "of heads, MLflow.")
 
 
 if __name__ == "__main__":

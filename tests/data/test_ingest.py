@@ -11,7 +11,7 @@ import pytest
 import wfdb
 from scipy.signal import resample_poly
 
-from crema.config import HashSplit, IngestConfig, LabelMap, LabelTable, SourceConfig, load_yaml
+from crema.config import HashSplit, IngestConfig, SourceConfig, load_yaml
 from crema.dataset import decode_masks, decode_signals, read_windows
 from crema.ingest import IngestFailed, ingest, read_manifest
 from crema.signals import LEADS
