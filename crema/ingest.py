@@ -317,64 +317,23 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     previous = read_manifest(output, cfg.storage_options)
-    previous_sources = _manifest_sources(previous)
     by_name = {s.name: s for s in sources}
 
-    plans, summaries = [], {}
-    for source in sources:
-        table, unmatched = plan_source(source, key)
-        summaries[source.name] = SourceSummary(source.name, discovered=len(table), unmatched_label_rows=unmatched)
-        plans.append(table)
-    work = pa.concat_tables(plans)
-
-    fingerprinted = work
-    if len(work):
-        refs = _as_dataset(work, cfg.records_per_task * 4).map_batches(
-            fingerprint_batch, fn_kwargs={"sources": by_name}, batch_format="pyarrow", batch_size=None,
-        ).to_arrow_refs()
-        fingerprinted = pa.concat_tables(ray.get(refs))
-    fingerprinted = fingerprinted.sort_by([("source", "ascending"), ("record_id", "ascending")])
-    # Records of sources kept from earlier runs count as already seen.
-    known = {}
-    if previous is not None:
-        kept = previous.filter(pc.and_(pc.invert(pc.is_in(previous["source"], pa.array(names))),
-                                       pc.equal(previous["status"], "ok")))
-        known = {h: f"{s}/{r}" for s, r, h in zip(*(kept[c].to_pylist() for c in ("source", "record_id", "content_hash")))}
-    decided = _mark_duplicates(fingerprinted, known, cfg.drop_duplicates)
-
+    work, summaries = _plan(sources, key)
+    decided = _mark_duplicates(_fingerprint(work, by_name, cfg), _committed_hashes(previous, names),
+                               cfg.drop_duplicates)
     config_hashes = {s.name: _config_fingerprint(s, cfg) for s in sources}
-    unchanged = _unchanged_sources(previous, previous_sources, decided, config_hashes)
-    for name in unchanged:
-        summaries[name].skipped_unchanged = True
+    unchanged = _unchanged_sources(previous, _manifest_sources(previous), decided, config_hashes)
     decided = decided.filter(pc.invert(pc.is_in(decided["source"], pa.array(sorted(unchanged), pa.string()))))
 
-    pending = decided.filter(pc.equal(decided["status"], "pending")).select(WORK_SCHEMA.names + ["content_hash", "detail"])
     run_id = uuid.uuid4().hex[:12]
-    staging = f"{root}/_staging/{run_id}"
-    sink = WindowsDatasink(f"{output.rstrip('/')}/_staging/{run_id}", cfg)
-    if len(pending):
-        _as_dataset(pending, cfg.records_per_task).map_batches(
-            window_batch, fn_kwargs={"sources": by_name, "cfg": cfg}, batch_format="pyarrow", batch_size=None,
-        ).write_datasink(sink)
-    written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
-        else MANIFEST_SCHEMA.empty_table()
-    written = _account_for_lost(pending, written)
-    decided_rows = decided.filter(pc.not_equal(decided["status"], "pending"))
-    decided_rows = decided_rows.append_column("n_windows", pa.array(np.zeros(len(decided_rows), np.int32)))
-    manifest_new = pa.concat_tables([written, decided_rows.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)])
+    manifest_new = _window_pass(decided, by_name, cfg, f"{output.rstrip('/')}/_staging/{run_id}")
+    manifest = _commit(fs, root, f"{root}/_staging/{run_id}", previous, manifest_new,
+                       sorted(set(names) - unchanged), config_hashes)
 
-    rewritten = pa.array(sorted(set(names) - unchanged), pa.string())
-    for name in rewritten.to_pylist():
-        _swap_in(fs, root, staging, name)
-    kept_rows = previous.filter(pc.invert(pc.is_in(previous["source"], rewritten))).cast(MANIFEST_SCHEMA) \
-        if previous is not None else MANIFEST_SCHEMA.empty_table()
-    manifest = pa.concat_tables([kept_rows, manifest_new]).sort_by([("source", "ascending"), ("record_id", "ascending")])
-    _write_manifest(fs, root, manifest, {**previous_sources, **config_hashes})
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-
-    these_sources = manifest.filter(pc.is_in(manifest["source"], pa.array(names, pa.string())))
-    for row in these_sources.to_pylist():
+    for name in unchanged:
+        summaries[name].skipped_unchanged = True
+    for row in manifest.filter(pc.is_in(manifest["source"], pa.array(names, pa.string()))).to_pylist():
         counts = summaries[row["source"]]
         setattr(counts, row["status"], getattr(counts, row["status"]) + 1)
         counts.windows += row["n_windows"]
@@ -385,6 +344,64 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
         raise IngestFailed(f"{summary.rejected} of {summary.discovered} records rejected "
                            f"(> max_reject_fraction={cfg.max_reject_fraction}); see {output}/manifest.parquet")
     return summary
+
+
+def _plan(sources: list[SourceConfig], key: bytes) -> tuple[pa.Table, dict[str, SourceSummary]]:
+    plans, summaries = [], {}
+    for source in sources:
+        table, unmatched = plan_source(source, key)
+        summaries[source.name] = SourceSummary(source.name, discovered=len(table), unmatched_label_rows=unmatched)
+        plans.append(table)
+    return pa.concat_tables(plans), summaries
+
+
+def _fingerprint(work: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig) -> pa.Table:
+    """Content hashes (or reject reasons) of every planned record, sorted by source and record id."""
+    if len(work):
+        refs = _as_dataset(work, cfg.records_per_task * 4).map_batches(
+            fingerprint_batch, fn_kwargs={"sources": sources}, batch_format="pyarrow", batch_size=None,
+        ).to_arrow_refs()
+        work = pa.concat_tables(ray.get(refs))
+    return work.sort_by([("source", "ascending"), ("record_id", "ascending")])
+
+
+def _committed_hashes(previous: pa.Table | None, rewritten: list[str]) -> dict[str, str]:
+    """Content hash → record of the ok records of sources kept from earlier runs: already seen."""
+    if previous is None:
+        return {}
+    kept = previous.filter(pc.and_(pc.invert(pc.is_in(previous["source"], pa.array(rewritten, pa.string()))),
+                                   pc.equal(previous["status"], "ok")))
+    return {h: f"{s}/{r}" for s, r, h in zip(*(kept[c].to_pylist() for c in ("source", "record_id", "content_hash")))}
+
+
+def _window_pass(decided: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig, staging_uri: str) -> pa.Table:
+    """Window the pending records into `staging_uri`; the manifest rows of every decided record."""
+    pending = decided.filter(pc.equal(decided["status"], "pending")).select(WORK_SCHEMA.names + ["content_hash", "detail"])
+    sink = WindowsDatasink(staging_uri, cfg)
+    if len(pending):
+        _as_dataset(pending, cfg.records_per_task).map_batches(
+            window_batch, fn_kwargs={"sources": sources, "cfg": cfg}, batch_format="pyarrow", batch_size=None,
+        ).write_datasink(sink)
+    written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
+        else MANIFEST_SCHEMA.empty_table()
+    written = _account_for_lost(pending, written)
+    settled = decided.filter(pc.not_equal(decided["status"], "pending"))
+    settled = settled.append_column("n_windows", pa.array(np.zeros(len(settled), np.int32)))
+    return pa.concat_tables([written, settled.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)])
+
+
+def _commit(fs, root: str, staging: str, previous: pa.Table | None, manifest_new: pa.Table,
+            rewritten: list[str], config_hashes: dict[str, str]) -> pa.Table:
+    """Swap the rewritten sources' windows in, then write the manifest (the commit record). Returns it."""
+    for name in rewritten:
+        _swap_in(fs, root, staging, name)
+    kept_rows = MANIFEST_SCHEMA.empty_table() if previous is None else \
+        previous.filter(pc.invert(pc.is_in(previous["source"], pa.array(rewritten, pa.string())))).cast(MANIFEST_SCHEMA)
+    manifest = pa.concat_tables([kept_rows, manifest_new]).sort_by([("source", "ascending"), ("record_id", "ascending")])
+    _write_manifest(fs, root, manifest, {**_manifest_sources(previous), **config_hashes})
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    return manifest
 
 
 def _account_for_lost(pending: pa.Table, written: pa.Table) -> pa.Table:
