@@ -119,10 +119,11 @@ def _reader(source: SourceConfig, max_record_seconds: float | None = None) -> Re
 
 
 def fingerprint_batch(batch: pa.Table, sources: dict[str, SourceConfig]) -> pa.Table:
+    readers = {name: _reader(source) for name, source in sources.items()}  # once per batch, not per record
     hashes, reasons, details = [], [], []
     for source, record_id in zip(batch["source"].to_pylist(), batch["record_id"].to_pylist()):
         try:
-            hashes.append(_reader(sources[source]).fingerprint(record_id))
+            hashes.append(readers[source].fingerprint(record_id))
             reasons.append(None)
             details.append(None)
         except RecordRejected as err:
@@ -170,10 +171,11 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
         signals.append(window.signal.astype("<" + np.dtype(dtype).str[1:]).reshape(-1) if window
                        else np.zeros(N_LEADS * length, dtype))
 
+    readers = {name: _reader(source, cfg.max_record_seconds) for name, source in sources.items()}
     for rec in batch.to_pylist():
         source = sources[rec["source"]]
         try:
-            raw = _reader(source, cfg.max_record_seconds).read(rec["record_id"])
+            raw = readers[rec["source"]].read(rec["record_id"])
             canonical = to_canonical(raw, cfg.normalise_options(source))
             cut = windows(canonical, cfg.window_s, cfg.stride_s, cfg.pad_short)
         except RecordRejected as err:

@@ -46,6 +46,7 @@ class Reader(ABC):
     """
 
     format: ClassVar[str]
+    extensions: ClassVar[tuple[str, ...]]  # files that mark a record when walking the folder
     # A record declaring more than this is hostile or broken; ingest sets it from IngestConfig.
     max_record_seconds: float = 24 * 3600
 
@@ -54,9 +55,20 @@ class Reader(ABC):
         self.fs, self.root = url_to_fs(source.path, **source.storage_options)
         self.root = self.root.rstrip("/")
 
-    @abstractmethod
     def discover(self) -> list[str]:
-        """Every record id of the source, sorted."""
+        """Every record id of the source, sorted: the `records` file's, or every file with one of
+        `extensions` found in one recursive listing (a paginated LIST on s3, not a walk per folder)."""
+        listed = self.listed_records()
+        if listed is not None:
+            return listed
+        prefix = self.root + "/"
+        ids = set()
+        for path in self.fs.find(self.root):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(self.extensions) and not name.startswith("."):
+                relative = path[len(prefix):] if path.startswith(prefix) else path
+                ids.add(relative.rsplit(".", 1)[0])
+        return sorted(ids)
 
     @abstractmethod
     def record_files(self, record_id: str) -> list[str]:

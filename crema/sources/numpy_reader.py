@@ -31,17 +31,7 @@ EXTENSIONS = (".npy", ".npz")
 @register
 class NumpyReader(Reader):
     format = "numpy"
-
-    def discover(self) -> list[str]:
-        listed = self.listed_records()
-        if listed is not None:
-            return listed
-        prefix = self.root + "/"
-        ids = set()
-        for path in self.fs.find(self.root):
-            if path.endswith(EXTENSIONS) and not path.rsplit("/", 1)[-1].startswith("."):
-                ids.add(path[len(prefix):-4] if path.startswith(prefix) else path[:-4])
-        return sorted(ids)
+    extensions = EXTENSIONS
 
     def record_files(self, record_id: str) -> list[str]:
         return [self._path(record_id)]

@@ -227,18 +227,7 @@ def _decode(data: bytes, fmt: str, offset: int, n_values: int) -> np.ndarray:
 @register
 class WfdbReader(Reader):
     format = "wfdb"
-
-    def discover(self) -> list[str]:
-        listed = self.listed_records()
-        if listed is not None:
-            return listed
-        # One recursive listing (a paginated LIST on s3), not a directory walk per folder.
-        prefix = self.root + "/"
-        ids = []
-        for path in self.fs.find(self.root):
-            if path.endswith(".hea") and not path.rsplit("/", 1)[-1].startswith("."):
-                ids.append(path[len(prefix):-len(".hea")] if path.startswith(prefix) else path[:-4])
-        return sorted(ids)
+    extensions = (".hea",)
 
     def record_files(self, record_id: str) -> list[str]:
         """The signal files, not the header: the header names the record, so a renamed copy of the
