@@ -35,11 +35,11 @@ from benchmarks.ingest import replicate
 from crema.config import IngestConfig, PretrainConfig, SourceConfig, load_yaml
 from crema.data import MODEL_COLUMNS, WindowCollate, iter_table_batches
 from crema.dataset import read_windows
-from crema.engine import train_one_epoch, warmup_cosine
+from crema.engine import autocast_dtype, train_one_epoch, warmup_cosine
 from crema.ingest import ingest
 from crema.model import CREMA, model_flops_per_sample
 from crema.signals import N_LEADS
-from pipelines.pretrain import amp_dtype_for, param_groups, read_split, run
+from pipelines.pretrain import param_groups, read_split, run
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"ray_overhead": 0.05, "loader_headroom": 3.0}
@@ -137,7 +137,7 @@ def accelerator_run(cfg: PretrainConfig, device: torch.device, steps: int = 40, 
                 prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
 
     batches = iter(endless())
-    amp = amp_dtype_for(cfg.precision, device)
+    amp = autocast_dtype(cfg.precision, device)
     step = train_one_epoch(model, batches, optimizer, scheduler, num_steps=warmup, start_step=0, device=device,
                            amp_dtype=amp, clip_grad=cfg.optim.clip_grad)
     timed = TimedBatches(batches)

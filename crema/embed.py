@@ -14,9 +14,9 @@ import torch
 
 from crema.config import EmbedSettings
 from crema.dataset import decode_masks, decode_signals
-from crema.engine import autocast
+from crema.engine import autocast, autocast_dtype
 from crema.model import SiTEncoder
-from crema.tasks import META_COLUMNS, amp_dtype, encoder_from_bytes
+from crema.tasks import META_COLUMNS, encoder_from_bytes
 
 EMBEDDING_COLUMN = "embedding"
 
@@ -38,7 +38,7 @@ def embed_windows(encoder: SiTEncoder, windows: pa.Table, *, batch_size: int = 6
                   device: torch.device | None = None, precision: str = "auto") -> np.ndarray:
     """(n, D) float32 pooled embeddings of a table holding `signal` and `lead_mask`, in row order."""
     device = device or next(encoder.parameters()).device
-    dtype = amp_dtype(precision, device)
+    dtype = autocast_dtype(precision, device)
     encoder.eval()
     out = []
     for start in range(0, windows.num_rows, batch_size):

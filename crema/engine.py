@@ -19,6 +19,13 @@ import torch.distributed as dist
 from torch import nn
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where asked, or by default ("auto") on GPU; None (fp32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 @dataclass(frozen=True)
 class StepStats:
     step: int  # optimiser steps taken so far, over the whole run

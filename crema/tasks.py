@@ -171,10 +171,3 @@ def encoder_bytes(encoder: SiTEncoder) -> bytes:
 
 def encoder_from_bytes(blob: bytes, device: str | torch.device = "cpu") -> SiTEncoder:
     return load_encoder(io.BytesIO(blob), map_location=device)
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where asked, or by default on GPU; None (fp32) otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None

@@ -28,10 +28,10 @@ from rich.console import Console
 
 from crema.config import SweepConfig, TaskConfig
 from crema.dataset import read_windows
-from crema.engine import warmup_cosine
+from crema.engine import autocast_dtype, warmup_cosine
 from crema.finetune import (Classifier, build_optimizer, multilabel_loss, predict, train_one_epoch,
                             window_batches, with_drop_path)
-from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, amp_dtype, build_task_encoder,
+from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, build_task_encoder,
                          encoder_bytes, encoder_from_bytes, label_fraction_subset, role_filter, split_roles)
 from pipelines.common import init_ray
 from pipelines.downstream import (METRIC, sweep_command, BestTrialScores, SweepResult, TrialContext, cluster_gpus, prepare_task,
@@ -58,7 +58,7 @@ def finetune_trial(config: dict, *, context: TrialContext, encoder_blob: bytes, 
     """One Tune trial: fine-tune encoder + head with this config, report the val macro AUROC every epoch."""
     torch.manual_seed(seed)
     device = trial_device()
-    dtype = amp_dtype(sweep.precision, device)
+    dtype = autocast_dtype(sweep.precision, device)
     with trial_run(context, config, sweep.epochs) as reporter:
         model = build_classifier(encoder_blob, config["drop_path"], y_train.shape[1], device)
         optimizer = build_optimizer(model, lr=config["lr"], weight_decay=config["weight_decay"],
@@ -81,7 +81,7 @@ def score_windows(model: Classifier, batch_size: int, precision: str, *tables: p
     """Class probabilities of every window of each table (run as a Ray task, on a GPU when there is one)."""
     device = trial_device()
     model = model.to(device)
-    return [predict(model, window_batches(t, None, batch_size), device=device, amp_dtype=amp_dtype(precision, device))
+    return [predict(model, window_batches(t, None, batch_size), device=device, amp_dtype=autocast_dtype(precision, device))
             for t in tables]
 
 

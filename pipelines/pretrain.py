@@ -56,7 +56,7 @@ from rich.console import Console
 from crema.config import ConfigError, PretrainConfig, load_yaml, parse_overrides
 from crema.data import MODEL_COLUMNS, WindowCollate, decode_window_batch
 from crema.dataset import HIVE_PARTITIONING, windows_uri
-from crema.engine import StepStats, evaluate, train_one_epoch, warmup_cosine
+from crema.engine import StepStats, autocast_dtype, evaluate, train_one_epoch, warmup_cosine
 from crema.model import CREMA, save_encoder
 from crema.plots import plot_reconstruction
 from crema.tracking import (copy_to_storage, dataset_tags, find_run, flatten_params, git_commit, log_figure,
@@ -227,12 +227,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 @dataclass
 class Position:
     epoch: int = 0
@@ -312,7 +306,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     is_rank0 = rank == 0
     device = ray.train.torch.get_device()
-    amp_dtype = amp_dtype_for(cfg.precision, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # DDP broadcasts rank 0's weights anyway; this makes runs reproducible
 
     model = CREMA(cfg.model).to(device)
