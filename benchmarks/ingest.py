@@ -7,6 +7,9 @@
 Both read the same records (the shared PTB-XL records500, replicated by symlink to reach N x the corpus).
 Peak memory is the proportional set size (PSS) of this process and every Ray process it started,
 sampled while the pipeline runs, at 1x and at N x the corpus: streaming means it stays flat.
+(c) per hospital format, read + `to_canonical` of the shared sample files (`formats/`, pydicom's ECG)
+in one process, each file replicated by symlink: records/s and ms per record, with the library that
+decodes it. `--formats-only` runs this part alone (seconds, no Ray).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from scipy.signal import resample_poly
 
 from crema.config import IngestConfig, SourceConfig
 from crema.ingest import ingest
+from crema.sources import reader_for
 
 TARGETS = {"speedup_per_core": 20.0, "scaling_1_to_2": 1.8, "memory_growth_4x": 1.25}
 
@@ -105,12 +109,79 @@ def pipeline(corpus: Path, out: Path, num_cpus: int) -> tuple[float, int]:
         ray.shutdown()
 
 
+# format -> (folder under formats/, extra source keys, what decodes it). DICOM comes from pydicom's wheel.
+FORMAT_SAMPLES = {
+    "wfdb": ("wfdb", {}, "numpy fast path (format 16/212)"),
+    "muse": ("ge_muse_xml", {}, "defusedxml + numpy"),
+    "hl7_aecg": ("hl7_aecg", {}, "defusedxml + numpy"),
+    "philips_xml": ("philips_sierra_xml", {}, "sierraecg XLI (pure-Python LZW)"),
+    "scp_ecg": ("scp_ecg", {}, "crema (Python Huffman)"),
+    "edf": ("edf", {}, "edfio"),
+    "csv": ("csv", {"fs": 800, "scale": 2000 / 65535}, "pandas.read_csv"),
+    "dicom": (None, {}, "pydicom"),
+}
+# A format slower than this per 10 s of ECG gets a note: it holds a worker under 20 resting ECGs/s.
+SLOW_MS_PER_10S = 50.0
+
+
+def format_throughput(formats_root: Path, tmp: Path, replicas: int, target_fs: int = 500) -> list[tuple]:
+    """(format, files, records, records/s, ms/record, ms per 10 s of ECG, decoder) per format with a sample.
+
+    Records differ in length (MIT-BIH 100 is 30 min, a resting ECG 10 s), so the cost is also given per
+    10 s of signal: that is what compares the decoders."""
+    from pydicom.data import get_testdata_file
+
+    from crema.signals import NormaliseOptions, to_canonical
+
+    rows = []
+    for fmt, (folder, keys, decoder) in FORMAT_SAMPLES.items():
+        sources = [Path(get_testdata_file("waveform_ecg.dcm"))] if folder is None else [
+            f for f in sorted((formats_root / folder).iterdir()) if f.is_file()]
+        if not sources:
+            continue
+        corpus = tmp / f"fmt-{fmt}"
+        for k in range(replicas):
+            (corpus / f"copy{k}").mkdir(parents=True)
+            for f in sources:
+                (corpus / f"copy{k}" / f.name).symlink_to(f)
+        reader = reader_for(SourceConfig(name="bench", format=fmt, path=str(corpus), **keys))
+        ids = reader.discover()
+        opts = NormaliseOptions(target_fs=target_fs, min_leads=1)  # every file counts, whatever its leads
+        to_canonical(reader.read(ids[0]), opts)  # imports and first-call costs out of the timing
+        started, signal_s = time.perf_counter(), 0.0
+        for record_id in ids:
+            raw = reader.read(record_id)
+            to_canonical(raw, opts)
+            signal_s += raw.signal.shape[1] / raw.fs
+        seconds = time.perf_counter() - started
+        rows.append((fmt, len(ids) // replicas, len(ids), len(ids) / seconds, 1000 * seconds / len(ids),
+                     1000 * seconds / signal_s * 10, decoder))
+    return rows
+
+
+def print_format_table(rows: list[tuple]) -> None:
+    print("\nper-format read + to_canonical, one process (shared sample files replicated)")
+    print(f"  {'format':<12} {'files':>5} {'records':>7} {'records/s':>10} {'ms/record':>10} {'ms/10 s ECG':>12}  decoder")
+    for fmt, files, n, rate, ms, ms_10s, decoder in rows:
+        note = f"  <- slow: > {SLOW_MS_PER_10S:.0f} ms per 10 s of ECG" if ms_10s > SLOW_MS_PER_10S else ""
+        print(f"  {fmt:<12} {files:>5} {n:>7} {rate:>10,.0f} {ms:>10.1f} {ms_10s:>12.1f}  {decoder}{note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_data = os.environ.get("CREMA_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--data", default=default_data)
     parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--format-replicas", type=int, default=20, help="copies of each format's sample files")
+    parser.add_argument("--formats-only", action="store_true", help="only the per-format table (no Ray)")
     args = parser.parse_args()
+    formats_root = Path(args.data) / "formats"
+    if args.formats_only:
+        if not formats_root.exists():
+            raise SystemExit(f"no format samples at {formats_root} (set CREMA_SHARED_DATA)")
+        with tempfile.TemporaryDirectory() as tmp:
+            print_format_table(format_throughput(formats_root, Path(tmp), args.format_replicas))
+        return
     records500 = Path(args.data) / "ptbxl" / "records500"
     if not records500.exists():
         raise SystemExit(f"no PTB-XL records at {records500} (set CREMA_SHARED_DATA)")
@@ -125,6 +196,7 @@ def main() -> None:
         rate1, mem_many_1cpu = pipeline(many, tmp / "p1", num_cpus=1)
         rate2, mem_many = pipeline(many, tmp / "p2", num_cpus=2)
         _, mem_one = pipeline(one, tmp / "p3", num_cpus=2)
+        format_rows = format_throughput(formats_root, tmp, args.format_replicas) if formats_root.exists() else []
 
     rows = [
         ("baseline loop (1 core), records/s", f"{base:,.0f}"),
@@ -140,6 +212,8 @@ def main() -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
+    if format_rows:
+        print_format_table(format_rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ app = typer.Typer(help="CREMA: 12-lead ECG foundation model pipeline on Ray.", n
                   pretty_exceptions_show_locals=False)
 data_app = typer.Typer(help="Get data: the real PTB-XL, or a synthetic corpus.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+sources_app = typer.Typer(help="Hospital sources: the file formats that can be read.", no_args_is_help=True)
+app.add_typer(sources_app, name="sources")
 
 app.command("ingest")(ingest_stage.main)
 app.command("pretrain")(pretrain_stage.main)
@@ -58,3 +60,22 @@ def synthetic(
 
     write_synthetic_corpus(dest, n_records=n_records, seed=seed)
     typer.echo(f"wrote {n_records} records and {dest / 'source.yaml'}")
+
+
+@sources_app.command("formats")
+def formats() -> None:
+    """List the installed readers (entry-point group `crema.readers`): the names a source's `format` takes."""
+    import sys
+
+    from crema.sources import installed_readers
+
+    for name, entry_point in sorted(installed_readers().items()):
+        try:
+            cls = entry_point.load()
+            extensions = " ".join(dict.fromkeys(ext.lower() for ext in cls.extensions))
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().replace("``", "")
+            summary = doc.splitlines()[0] if doc else ""  # the module docstring's first line
+        except Exception as err:  # a broken plug-in is listed, not fatal to the listing
+            extensions, summary = "?", f"cannot load {entry_point.value}: {type(err).__name__}: {err}"
+        provider = entry_point.dist.name if entry_point.dist else "?"
+        typer.echo(f"{name:<12} {extensions:<10} {provider:<10} {summary}")

@@ -144,6 +144,21 @@ class SourceConfig(Schema):
     fs: float | None = Field(None, gt=0)  # sampling rate, for formats that lack one
     hash_split: HashSplit = Field(default_factory=HashSplit)
     storage_options: dict = Field(default_factory=dict)  # fsspec options, e.g. client_kwargs.endpoint_url
+    # Delimited text (format: csv) only: a CSV holds no lead names, rate or units of its own.
+    columns: list[str] | None = None  # column names in file order (overrides a header row); "" skips a column
+    delimiter: str | None = None  # default: tab for .tsv files, comma otherwise
+    header: bool | None = None  # whether the first row holds names; None: detected (a non-numeric first row)
+    scale: float | None = Field(None, gt=0)  # stored value x scale = a value in `units` (ADC counts -> uV)
+
+    @field_validator("format")
+    @classmethod
+    def _installed_format(cls, v: str) -> str:
+        from crema.sources import installed_readers  # here: crema.sources imports this module
+
+        name = v.strip().lower()
+        if name not in installed_readers():
+            raise ValueError(f"unknown format {v!r}; installed readers: {sorted(installed_readers())}")
+        return name
 
     @field_validator("lead_aliases")
     @classmethod

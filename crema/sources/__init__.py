@@ -1,13 +1,17 @@
 """Readers: one small class per file format, looked up by the source's `format` key.
 
-A new format is one module here that subclasses :class:`Reader` and decorates it with
-:func:`register`; a new hospital with a known format is only a YAML file.
+Readers are found through the Python entry-point group ``crema.readers`` (name = format, value =
+``module:Class``), the built-in ones included (see pyproject.toml). So a hospital's own reader can live
+in its own package: it subclasses :class:`Reader` and declares an entry point, and no file here changes.
+A new hospital with a known format is only a YAML file.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
+from importlib.metadata import EntryPoint, entry_points
 from typing import ClassVar
 
 import fsspec
@@ -16,25 +20,35 @@ from fsspec.core import url_to_fs
 from crema.config import SourceConfig
 from crema.signals import RawRecord, RecordRejected
 
-READERS: dict[str, type["Reader"]] = {}
+ENTRY_POINT_GROUP = "crema.readers"
 
 # Files larger than this are refused before they are read: no ECG record needs more, and a hostile
 # header must not make a worker allocate without bound.
 MAX_RECORD_BYTES = 512 * 2**20
 
 
-def register(cls: type["Reader"]) -> type["Reader"]:
-    READERS[cls.format] = cls
+@functools.cache
+def installed_readers() -> dict[str, EntryPoint]:
+    """Every installed reader by lower-case format name. Entry points are only named here: a reader's
+    module (and its library: pydicom, edfio, ...) is imported when a source of that format is read."""
+    return {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def reader_class(format: str) -> type["Reader"]:
+    """The reader class of a format name (case-insensitive); KeyError naming the installed ones."""
+    readers = installed_readers()
+    try:
+        entry_point = readers[format.strip().lower()]
+    except KeyError:
+        raise KeyError(f"unknown format {format!r}; installed readers: {sorted(readers)}") from None
+    cls = entry_point.load()
+    if not (isinstance(cls, type) and issubclass(cls, Reader)):
+        raise TypeError(f"entry point {entry_point.value!r} of format {entry_point.name!r} is not a Reader subclass")
     return cls
 
 
 def reader_for(source: SourceConfig) -> "Reader":
-    _load_builtin_readers()
-    try:
-        cls = READERS[source.format]
-    except KeyError:
-        raise KeyError(f"source {source.name!r}: unknown format {source.format!r}; known: {sorted(READERS)}") from None
-    return cls(source)
+    return reader_class(source.format)(source)
 
 
 class Reader(ABC):
@@ -45,7 +59,6 @@ class Reader(ABC):
     raises :class:`RecordRejected` with a specific reason for bad input, never anything else on purpose.
     """
 
-    format: ClassVar[str]
     extensions: ClassVar[tuple[str, ...]]  # files that mark a record when walking the folder
     # A record declaring more than this is hostile or broken; ingest sets it from IngestConfig.
     max_record_seconds: float = 24 * 3600
@@ -125,6 +138,29 @@ class Reader(ABC):
         return sorted(dict.fromkeys(lines))
 
 
-def _load_builtin_readers() -> None:
-    # Imported for their @register side effect.
-    from crema.sources import numpy_reader, wfdb_reader  # noqa: F401
+class SingleFileReader(Reader):
+    """A format whose record is one file: the id is its path without extension.
+
+    `extensions` are tried in order to find the file back from the id, so list the spellings hospital
+    exports use (``.xml`` and ``.XML``). Subclasses implement :meth:`parse`, from the file's bytes.
+    """
+
+    def record_files(self, record_id: str) -> list[str]:
+        return [self.file_of(record_id)]
+
+    def read(self, record_id: str) -> RawRecord:
+        path = self.file_of(record_id)
+        return self.parse(record_id, self.read_bytes(path), path)
+
+    @abstractmethod
+    def parse(self, record_id: str, data: bytes, path: str) -> RawRecord:
+        """The record in `data` (the bytes of `path`), or RecordRejected."""
+
+    def file_of(self, record_id: str) -> str:
+        if len(self.extensions) == 1:
+            return self.path_of(record_id + self.extensions[0])  # no lookup needed (one stat less on s3)
+        for ext in self.extensions:
+            path = self.path_of(record_id + ext)
+            if self.fs.exists(path):
+                return path
+        raise RecordRejected("missing_file", f"{record_id} with none of {self.extensions}")

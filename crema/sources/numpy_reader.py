@@ -23,14 +23,12 @@ import zlib
 import numpy as np
 
 from crema.signals import LEADS, N_LEADS, RawRecord, RecordRejected
-from crema.sources import MAX_RECORD_BYTES, Reader, register
+from crema.sources import MAX_RECORD_BYTES, Reader
 
 EXTENSIONS = (".npy", ".npz")
 
 
-@register
 class NumpyReader(Reader):
-    format = "numpy"
     extensions = EXTENSIONS
 
     def record_files(self, record_id: str) -> list[str]:

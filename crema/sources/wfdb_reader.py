@@ -24,7 +24,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from crema.signals import RawRecord, RecordRejected
-from crema.sources import MAX_RECORD_BYTES, Reader, register
+from crema.sources import MAX_RECORD_BYTES, Reader
 
 # A header is a few lines per signal; anything larger is not a WFDB header.
 MAX_HEADER_BYTES = 1 * 2**20
@@ -224,9 +224,7 @@ def _decode(data: bytes, fmt: str, offset: int, n_values: int) -> np.ndarray:
     raise AssertionError(f"format {fmt} is not on the fast path")
 
 
-@register
 class WfdbReader(Reader):
-    format = "wfdb"
     extensions = (".hea",)
 
     def record_files(self, record_id: str) -> list[str]:

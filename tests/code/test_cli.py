@@ -50,3 +50,16 @@ def test_missing_pseudonym_key_is_a_clear_error(tmp_path, monkeypatch):
     source.write_text(f"name: s\nformat: wfdb\npath: {tmp_path}\n")
     result = runner.invoke(app, ["ingest", str(source), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "CREMA_PSEUDONYM_KEY" in result.output
+
+
+def test_sources_formats_lists_the_installed_readers_and_unknown_formats_name_them(tmp_path, monkeypatch):
+    result = runner.invoke(app, ["sources", "formats"])
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0] for line in result.output.splitlines() if line.strip()}
+    assert {"wfdb", "numpy", "muse", "hl7_aecg", "dicom", "philips_xml", "scp_ecg", "edf", "csv"} <= listed
+
+    monkeypatch.setenv("CREMA_PSEUDONYM_KEY", "cli-test-key")
+    source = tmp_path / "s.yaml"
+    source.write_text(f"name: s\nformat: MFER\npath: {tmp_path}\n")
+    result = runner.invoke(app, ["ingest", str(source), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown format 'MFER'" in result.output and "scp_ecg" in result.output
