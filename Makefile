@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export CREMA_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean image image-name
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest
 	$(BIN)/python -m benchmarks.pretrain
 	$(BIN)/python -m benchmarks.probe
+
+# The cluster image (infra/Dockerfile), tagged with the project version; push it to $(REGISTRY) for the cluster:
+#   make image REGISTRY=123456789012.dkr.ecr.eu-west-1.amazonaws.com && docker push $$(make -s image-name REGISTRY=...)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REGISTRY ?=
+IMAGE ?= $(if $(REGISTRY),$(REGISTRY)/,)crema:$(VERSION)
+
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image: docker is not installed here; build on a machine with Docker (BuildKit), see infra/README.md"; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image: docker is installed but its daemon is not reachable (is dockerd running, may this user use it?)"; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f infra/Dockerfile -t $(IMAGE) .
+	@echo "built $(IMAGE)"
+
+image-name:
+	@echo $(IMAGE)
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -3,7 +3,7 @@
     python -m benchmarks.ingest [--data ../shared/data] [--replicas 4]
 
 (a) baseline: for each record `wfdb.rdrecord` + `scipy.signal.resample_poly`, then one pyarrow write;
-(b) `crema.ingest.ingest` on a local Ray instance with 1 CPU, then 2 CPUs.
+(b) `crema.stages.ingest.ingest` on a local Ray instance with 1 CPU, then 2 CPUs.
 Both read the same records (the shared PTB-XL records500, replicated by symlink to reach N x the corpus).
 Peak memory is the proportional set size (PSS) of this process and every Ray process it started,
 sampled while the pipeline runs, at 1x and at N x the corpus: streaming means it stays flat.
@@ -30,8 +30,8 @@ import wfdb
 from scipy.signal import resample_poly
 
 from crema.config import IngestConfig, SourceConfig
-from crema.ingest import ingest
-from crema.sources import reader_for
+from crema.stages.ingest import ingest
+from crema.data.readers import reader_for
 
 TARGETS = {"speedup_per_core": 20.0, "scaling_1_to_2": 1.8, "memory_growth_4x": 1.25}
 
@@ -131,7 +131,7 @@ def format_throughput(formats_root: Path, tmp: Path, replicas: int, target_fs: i
     10 s of signal: that is what compares the decoders."""
     from pydicom.data import get_testdata_file
 
-    from crema.signals import NormaliseOptions, to_canonical
+    from crema.data.signals import NormaliseOptions, to_canonical
 
     rows = []
     for fmt, (folder, keys, decoder) in FORMAT_SAMPLES.items():

@@ -33,13 +33,16 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.ingest import replicate
 from crema.config import IngestConfig, PretrainConfig, SourceConfig, load_yaml
-from crema.data import MODEL_COLUMNS, WindowCollate, iter_table_batches
-from crema.dataset import read_windows
-from crema.engine import autocast_dtype, train_one_epoch, warmup_cosine
-from crema.ingest import ingest
-from crema.model import CREMA, model_flops_per_sample
-from crema.signals import N_LEADS
-from pipelines.pretrain import param_groups, read_split, run
+from crema.data.batches import MODEL_COLUMNS, iter_table_batches
+from crema.data.schema import read_windows
+from crema.model.network import CREMA
+from crema.stages.ingest import ingest
+from crema.train.engine_pretrain import train_one_epoch
+from crema.train.flops import model_flops_per_sample
+from crema.train.optim import param_groups, warmup_cosine
+from crema.train.precision import autocast_dtype
+from crema.data.signals import N_LEADS
+from crema.stages.pretrain import WindowCollate, read_split, run
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"ray_overhead": 0.05, "loader_headroom": 3.0}

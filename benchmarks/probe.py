@@ -5,7 +5,7 @@
 (a) Embedding windows/s: a torch DataLoader loop over the same windows with the same encoder (Parquet
     read into memory, decoded per window, batched by the DataLoader), against the probe stage's pass
     (Ray Data read, actor pool, Parquet write) on a local Ray instance with every CPU. Outputs compared.
-(b) Probe sweep wall time: ``pipelines.probe.run`` (Tune trials in parallel, ASHA, nested MLflow runs in
+(b) Probe sweep wall time: ``crema.stages.probe.run`` (Tune trials in parallel, ASHA, nested MLflow runs in
     SQLite; embeddings already cached) against the same hyperparameters trained one after another to
     the full epoch count in this process, with no Tune and no MLflow.
 Data: PTB-XL from the shared folder, ingested into a temporary directory first (not timed).
@@ -27,13 +27,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crema.config import IngestConfig, ModelConfig, SourceConfig, load_yaml
-from crema.dataset import decode_masks, decode_signals, read_windows
-from crema.embed import embedding_matrix
-from crema.ingest import ingest
-from crema.model import SiTEncoder, save_encoder
-from crema.probe import predict_probe, train_probe
-from crema.tasks import (SIGNAL_COLUMNS, LabelledWindows, encoder_bytes, load_task, split_roles,
-                         with_absolute_paths)
+from crema.data.schema import decode_masks, decode_signals, read_windows
+from crema.evaluation.embeddings import embedding_matrix
+from crema.model.network import SiTEncoder
+from crema.stages.ingest import ingest
+from crema.train.artifacts import save_encoder
+from crema.evaluation.probe import predict_probe, train_probe
+from crema.evaluation.encoders import encoder_bytes
+from crema.evaluation.tasks import SIGNAL_COLUMNS, LabelledWindows, load_task, split_roles, with_absolute_paths
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FILE = REPO / "configs/tasks/ptbxl_superdiagnostic.yaml"
@@ -71,7 +72,7 @@ def dataloader_embeddings(dataset: Path, encoder: SiTEncoder, batch_size: int) -
 def ray_embeddings(task, blob: bytes) -> tuple[np.ndarray, float]:
     """The probe stage's own embedding pass (it caches the result, which the timed sweep then reuses)."""
     from crema.tracking import dataset_tags
-    from pipelines.probe import task_embeddings
+    from crema.stages.probe import task_embeddings
 
     started = time.perf_counter()
     table = task_embeddings(task, task.encoders[0], blob, ["ptbxl"], dataset_tags(task.dataset))
@@ -144,7 +145,7 @@ def main() -> None:
         print(f"  Ray Data actor pool   : {n_windows / ray_s:8.1f} windows/s ({ray_s:.1f} s)")
         print(f"  ratio Ray / loop      : {loop_s / ray_s:8.2f}x")
 
-        from pipelines import probe
+        from crema.stages import probe
 
         started = time.perf_counter()
         (result,) = probe.run(TASK_FILE, overrides)

@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from crema.signals import LEADS, NormaliseOptions
+from crema.data.signals import LEADS, NormaliseOptions
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -29,6 +29,7 @@ class Schema(BaseModel):
 
 
 def expand_env(text: str) -> str:
+    """Replace ${VAR} and ${VAR:-default} references with the environment's values."""
     def substitute(m: re.Match) -> str:
         value = os.environ.get(m.group(1))
         if value is None:
@@ -99,6 +100,8 @@ class LabelMap(Schema):
 
 
 class LabelTable(Schema):
+    """A source's label table: which columns hold record, labels, patient and split."""
+
     table: str  # CSV, relative to the source path
     record_column: str  # values matched to records by file stem (00001_hr) or by relative record id
     label_column: str | None = None
@@ -153,7 +156,7 @@ class SourceConfig(Schema):
     @field_validator("format")
     @classmethod
     def _installed_format(cls, v: str) -> str:
-        from crema.sources import installed_readers  # here: crema.sources imports this module
+        from crema.data.readers import installed_readers  # here: crema.data.readers imports this module
 
         name = v.strip().lower()
         if name not in installed_readers():
@@ -198,6 +201,7 @@ class IngestConfig(Schema):
         return int(round(self.window_s * self.target_fs))
 
     def normalise_options(self, source: SourceConfig) -> NormaliseOptions:
+        """The signal normalisation of a source under these ingest settings."""
         return NormaliseOptions(
             target_fs=self.target_fs,
             min_leads=self.min_leads,
@@ -252,6 +256,7 @@ class ModelConfig(Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
+        """Cross-field checks that a single field's validator cannot make."""
         if self.window_samples % self.patch_size:
             raise ValueError(f"window_samples={self.window_samples} is not a multiple of "
                              f"patch_size={self.patch_size}")
@@ -460,6 +465,7 @@ class TaskConfig(Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":
+        """Cross-field checks that a single field's validator cannot make."""
         names = [e.name for e in self.encoders]
         if len(set(names)) != len(names):
             raise ValueError(f"encoder names repeat: {names}")

@@ -1,26 +1,73 @@
-"""MLflow helpers shared by the training stages: where to log, which run, what to tag it with.
+"""Everything MLflow: where to log, which run, what to tag it with, and reading the runs back.
+
+The only module that imports MLflow. Tag and metric names are the constants below, used by the writers
+(the stages) and the readers (run lookups, lineage, :func:`sweep_runs` behind ``crema compare``) alike,
+so a rename cannot silently break one side.
 
 A stage's MLflow run is named after its Ray run (``RunConfig(name=...)``). Re-running a job with
 the same name looks that run up and continues it, so a resumed job adds to one history instead
 of scattering it over several runs.
+
+A sweep (probe, fine-tune) leaves a parent run (``crema.kind=sweep``; tags task, method, encoder,
+label_fraction, sources; the test metrics) and one nested run per trial (``crema.kind=trial``), which the
+trial opens in its own process. A downstream run finds the pretraining run of its encoder through the
+``encoder_path`` tag that pretraining writes (lineage).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
-from collections.abc import Mapping
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+import torch
+import yaml
 from fsspec.core import url_to_fs
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from torch import nn
 
-from crema.dataset import windows_uri
+from crema.config import EncoderSpec
+from crema.data.schema import windows_uri
+
+# ------------------------------------------------------------------------------------ names
+# Tags
+TAG_KIND = "crema.kind"  # KIND_SWEEP on a sweep's parent run, KIND_TRIAL on its children
+KIND_SWEEP = "sweep"
+KIND_TRIAL = "trial"
+TAG_ENCODER_PATH = "encoder_path"  # on a pretraining run: the encoder artifact it wrote
+TAG_ENCODER_ARTIFACT = "encoder_artifact"  # on a downstream run: the artifact it evaluated
+TAG_ENCODER_RUN_ID = "encoder_run_id"  # on a downstream run: the pretraining run of its encoder
+TAG_TASK = "task"
+TAG_METHOD = "method"
+TAG_ENCODER = "encoder"
+TAG_ENCODER_INIT = "encoder_init"
+TAG_LABEL_FRACTION = "label_fraction"
+TAG_TRAIN_SOURCES = "train_sources"
+TAG_TEST_SOURCES = "test_sources"
+TAG_TRIAL_ID = "ray_trial_id"
+TAG_BEST_TRIAL = "best_trial"
+TAG_STOPPED_EARLY = "stopped_early"
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"
+# Metrics
+METRIC_VAL_AUROC = "val_macro_auroc"  # what trials are compared on
+METRIC_BEST_VAL_AUROC = "best_val_macro_auroc"
+METRIC_EPOCH = "epoch"
+METRIC_RESUMED_FROM_STEP = "resumed_from_step"
+TEST_METRIC_PREFIX = "test_"
+# What identifies a sweep in the comparison table: the latest finished sweep of each is reported.
+SWEEP_GROUP = [TAG_TASK, TAG_TRAIN_SOURCES, TAG_TEST_SOURCES, TAG_LABEL_FRACTION, TAG_METHOD, TAG_ENCODER]
+SWEEP_FILTER = f"tags.`{TAG_KIND}` = '{KIND_SWEEP}' and attributes.status = 'FINISHED'"
 
 
 def resolve_tracking_uri(configured: str | None, default_dir: str | Path = ".") -> str:
@@ -53,6 +100,8 @@ def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, str]:
             flat[name] = str(value)
     return flat
 
+
+# ------------------------------------------------------------------------------ run lookups
 
 def find_run(run_name: str, experiment: str, tracking_uri: str) -> Run | None:
     """The latest run called `run_name` in `experiment`, or None."""
@@ -135,6 +184,7 @@ def dataset_tags(dataset: str, storage_options: dict | None = None) -> dict[str,
 
 
 def log_figure(fig: Figure, artifact_file: str) -> None:
+    """Log a figure to the active run, and close it."""
     import matplotlib.pyplot as plt
 
     mlflow.log_figure(fig, artifact_file)
@@ -147,3 +197,198 @@ def copy_to_storage(local_path: str | Path, uri: str, storage_options: dict | No
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.put_file(str(local_path), path)
     return uri
+
+
+def flush() -> None:
+    """Wait for asynchronously logged metrics to reach the store."""
+    mlflow.flush_async_logging()
+
+
+def log_metrics(metrics: Mapping[str, float], step: int, *, synchronous: bool = True) -> None:
+    """Metrics of the active run at `step` (asynchronous ones are flushed by :func:`flush`)."""
+    mlflow.log_metrics(dict(metrics), step=step, synchronous=synchronous)
+
+
+def log_metric(key: str, value: float, step: int) -> None:
+    mlflow.log_metric(key, value, step=step)
+
+
+def _log_pytorch_model(model: nn.Module, name: str, **kwargs):
+    # Pickled rather than a traced pt2 graph: users call the encoder's `embed`, not only `forward`, and
+    # MLflow 3's default (torch.export) cannot trace the encoder's data-dependent attention mask.
+    return mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], **kwargs)
+
+
+# ------------------------------------------------------------------------------- pretraining
+
+def open_training_run(run_name: str, experiment: str, tracking_uri: str, public_config: dict,
+                      tags: Mapping[str, str], resumed_from_step: int | None) -> None:
+    """Start (or resume) a pretraining run: its params, tags and, once, its config as an artifact."""
+    _, resumed = start_or_resume_run(run_name, experiment, tracking_uri)
+    log_new_params(flatten_params(public_config))
+    mlflow.set_tags(dict(tags))
+    if not resumed:
+        mlflow.log_text(yaml.safe_dump(public_config, sort_keys=False), "config.yaml")
+    if resumed_from_step is not None:
+        mlflow.log_metric(METRIC_RESUMED_FROM_STEP, resumed_from_step, step=resumed_from_step)
+
+
+def close_training_run(encoder: nn.Module, encoder_path: str) -> None:
+    """Log the encoder as the model "encoder", tag where its artifact is (lineage), end the run."""
+    _log_pytorch_model(encoder, "encoder")
+    mlflow.set_tag(TAG_ENCODER_PATH, encoder_path)
+    mlflow.flush_async_logging()
+    mlflow.end_run()
+
+
+# --------------------------------------------------------------------------------- lineage
+
+def encoder_run_id(encoder_path: str, tracking_uri: str) -> str | None:
+    """The latest pretraining run, in any experiment, that wrote the encoder artifact at `encoder_path`."""
+    client = MlflowClient(tracking_uri)
+    quoted = encoder_path.replace("'", "\\'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.{TAG_ENCODER_PATH} = '{quoted}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    return runs[0].info.run_id if runs else None
+
+
+def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
+    """Tags that tie a downstream run to its encoder: the artifact and the pretraining run that wrote it."""
+    tags = {TAG_ENCODER: spec.name, TAG_ENCODER_INIT: spec.init}
+    if spec.description:
+        tags["encoder_description"] = spec.description
+    if spec.init == "random":
+        tags["encoder_seed"] = str(spec.seed)
+        if spec.like:
+            tags["encoder_like"] = spec.like
+        return tags
+    # Not TAG_ENCODER_PATH: the pretraining run that wrote the artifact carries that tag, and is found by it.
+    tags[TAG_ENCODER_ARTIFACT] = spec.path
+    run_id = spec.mlflow_run_id or encoder_run_id(spec.path, tracking_uri)
+    if run_id:
+        tags[TAG_ENCODER_RUN_ID] = run_id
+    return tags
+
+
+# ---------------------------------------------------------------------------------- sweeps
+
+@contextmanager
+def sweep_run(tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str],
+              params: Mapping[str, object], task_yaml: dict) -> Iterator[str]:
+    """A sweep's parent run, active inside the block; yields its run id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={**tags, TAG_KIND: KIND_SWEEP}) as parent:
+        mlflow.log_params(dict(params))
+        mlflow.log_text(yaml.safe_dump(task_yaml, sort_keys=False), "task.yaml")
+        yield parent.info.run_id
+
+
+def record_best_trial(best_trial_id: str, best_run_id: str | None, best_config: dict) -> None:
+    """On the active sweep run: which trial won, and its hyperparameters."""
+    mlflow.set_tags({"best_trial_id": best_trial_id, "best_trial_run_id": best_run_id})
+    mlflow.log_dict(best_config, "best_config.json")
+
+
+def start_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tags: Mapping[str, str],
+                    trial_name: str, trial_id: str, params: Mapping[str, object]) -> None:
+    """Inside a trial's process: its own run, nested under the sweep's parent run."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.start_run(experiment_id=experiment_id, run_name=trial_name, parent_run_id=parent_run_id,
+                     tags={**tags, TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial_id})
+    mlflow.log_params(dict(params))
+
+
+def end_trial_run(status: str, stopped_early: bool | None = None) -> None:
+    """Close the active trial run with `status`, tagged stopped_early when that is known."""
+    if stopped_early is not None:
+        mlflow.set_tag(TAG_STOPPED_EARLY, str(stopped_early).lower())
+    mlflow.end_run(status)
+
+
+def _settled_run(client: MlflowClient, run_id: str, timeout_s: float = 30.0) -> Run:
+    """The run once its trial has closed it, or as it is after timeout_s (a process killed first)."""
+    deadline = time.monotonic() + timeout_s
+    run = client.get_run(run_id)
+    while run.info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = client.get_run(run_id)
+    return run
+
+
+def close_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str,
+                     trials: list[tuple[str, int]], best_trial_id: str, epochs: int) -> str | None:
+    """Tag the best trial's run, close any run its trial could not; returns the best trial's run id.
+
+    `trials` holds (trial id, epochs it ran) for every trial of the sweep.
+    """
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT_RUN_ID}` = '{parent_run_id}'")
+    by_trial = {run.data.tags.get(TAG_TRIAL_ID): run for run in children}
+    best_run_id = None
+    for trial_id, epochs_run in trials:
+        run = by_trial.get(trial_id)
+        if run is None:
+            raise RuntimeError(f"trial {trial_id} left no MLflow run under {parent_run_id}")
+        # Waiting first: a trial still closing its own run would race these writes (SQLite rejects the twin tag).
+        run = _settled_run(client, run.info.run_id)
+        if run.info.status == "RUNNING":  # the trial's process ended before it closed its run
+            stopped = epochs_run < epochs
+            if TAG_STOPPED_EARLY not in run.data.tags:
+                client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, str(stopped).lower())
+            client.set_terminated(run.info.run_id, "KILLED" if stopped else "FINISHED")
+        if trial_id == best_trial_id:
+            client.set_tag(run.info.run_id, TAG_BEST_TRIAL, "true")
+            best_run_id = run.info.run_id
+    return best_run_id
+
+
+def log_test_evaluation(val_auroc: float, results: Mapping[str, float], roc_figure: Figure,
+                        metrics_csv: str, predictions: pd.DataFrame) -> None:
+    """The chosen model's evaluation on the active sweep run: metrics, ROC curves, table, record predictions."""
+    mlflow.log_metric(METRIC_BEST_VAL_AUROC, val_auroc)
+    mlflow.log_metrics({f"{TEST_METRIC_PREFIX}{k}": v for k, v in results.items()})
+    mlflow.log_figure(roc_figure, "roc_curves.png")
+    mlflow.log_text(metrics_csv, "metrics/test_metrics.csv")
+    mlflow.log_text(json.dumps(dict(results), indent=2), "metrics/test_metrics.json")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "test_records.parquet"
+        predictions.to_parquet(path)
+        mlflow.log_artifact(str(path), "predictions")
+
+
+def log_classifier(model: nn.Module, params: Mapping[str, object], provenance: Mapping[str, str],
+                   register_model: str | None) -> str:
+    """Log (and register, if `register_model` names a model) a fine-tuned classifier to the active run."""
+    info = _log_pytorch_model(model, "model", registered_model_name=register_model, params=dict(params),
+                              tags=dict(provenance))
+    if register_model:
+        client = MlflowClient()
+        for key, value in provenance.items():
+            client.set_model_version_tag(register_model, str(info.registered_model_version), key, value)
+    return info.model_uri
+
+
+def sweep_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per finished sweep: its SWEEP_GROUP and encoder_init tags, run id, start time, test_* metrics."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    columns = [*SWEEP_GROUP, TAG_ENCODER_INIT, "run_id", "start_time"]
+    if exp is None:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    page_token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=SWEEP_FILTER, page_token=page_token,
+                                  order_by=["attributes.start_time DESC"])
+        for run in page:
+            tags = run.data.tags
+            rows.append({**{k: tags.get(k, "") for k in (*SWEEP_GROUP, TAG_ENCODER_INIT)},
+                         "run_id": run.info.run_id, "start_time": run.info.start_time,
+                         **{k: v for k, v in run.data.metrics.items() if k.startswith(TEST_METRIC_PREFIX)}})
+        page_token = page.token
+        if not page_token:
+            break
+    return pd.DataFrame(rows, columns=None if rows else columns)

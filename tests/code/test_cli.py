@@ -6,9 +6,9 @@ import shutil
 
 from typer.testing import CliRunner
 
-from crema.cli import app
-from crema.dataset import read_windows
-from crema.ingest import read_manifest
+from crema.stages.cli import app
+from crema.data.schema import read_windows
+from crema.data.ingest import read_manifest
 
 runner = CliRunner()
 

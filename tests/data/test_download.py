@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from crema.download import CHECKSUM_FILE, DownloadError, download_ptbxl
+from crema.data.download import CHECKSUM_FILE, DownloadError, download_ptbxl
 
 TOP_LEVEL = ["LICENSE.txt", "ptbxl_database.csv", "scp_statements.csv"]
 N_RECORDS = 10

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from crema.config import ConfigError, SourceConfig, validate
-from crema.signals import LEADS, NormaliseOptions, RecordRejected, to_canonical
-from crema.sources import installed_readers, reader_class, reader_for
+from crema.data.signals import LEADS, NormaliseOptions, RecordRejected, to_canonical
+from crema.data.readers import installed_readers, reader_class, reader_for
 from tests.conftest import shared_data_root
 
 FORMATS = shared_data_root() / "formats"
@@ -240,9 +240,9 @@ def test_a_plugin_reader_is_found_through_its_entry_point(monkeypatch, tmp_path)
     """What a hospital's own package does: declare `crema.readers` = `module:Class` and nothing else."""
     from importlib.metadata import EntryPoint
 
-    import crema.sources as sources
+    import crema.data.readers as sources
 
-    plugin = EntryPoint(name="Acme", value="crema.sources.csv_reader:CsvReader", group=sources.ENTRY_POINT_GROUP)
+    plugin = EntryPoint(name="Acme", value="crema.data.readers.csv_reader:CsvReader", group=sources.ENTRY_POINT_GROUP)
     real = sources.entry_points
     monkeypatch.setattr(sources, "entry_points", lambda group: [*real(group=group), plugin])
     sources.installed_readers.cache_clear()

@@ -12,9 +12,10 @@ import wfdb
 from scipy.signal import resample_poly
 
 from crema.config import HashSplit, IngestConfig, SourceConfig, load_yaml
-from crema.dataset import decode_masks, decode_signals, read_windows
-from crema.ingest import IngestFailed, ingest, read_manifest
-from crema.signals import LEADS
+from crema.data.schema import decode_masks, decode_signals, read_windows
+from crema.data.ingest import IngestFailed, read_manifest
+from crema.stages.ingest import ingest
+from crema.data.signals import LEADS
 
 KEY = b"test-pseudonym-key"
 SUPERCLASSES = ("NORM", "STTC", "CD", "MI", "HYP")
@@ -255,7 +256,7 @@ def test_killed_run_leaves_the_committed_dataset_intact(ptbxl_root, tmp_path):
     source = tmp_path / "ptbxl100.yaml"
     source.write_text(f"name: ptbxl100\nformat: wfdb\npath: {ptbxl_root / 'records100'}\n")
     env = {**os.environ, "CREMA_PSEUDONYM_KEY": KEY.decode()}
-    command = [sys.executable, "-m", "pipelines.ingest", str(source), "--output", str(out)]
+    command = [sys.executable, "-m", "crema.stages.ingest", str(source), "--output", str(out)]
     repo = Path(__file__).parents[2]
     first = subprocess.run([*command, "--set", "target_fs=100"], env=env, cwd=repo, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]

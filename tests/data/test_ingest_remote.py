@@ -12,8 +12,9 @@ import s3fs
 import wfdb
 
 from crema.config import IngestConfig
-from crema.dataset import decode_signals, read_windows
-from crema.ingest import ingest, read_manifest
+from crema.data.schema import decode_signals, read_windows
+from crema.data.ingest import read_manifest
+from crema.stages.ingest import ingest
 from tests.conftest import REPO, submit_job
 from tests.data.test_ingest import KEY, ptbxl_source
 
@@ -51,7 +52,7 @@ def test_ingest_entrypoint_via_ray_job_submit(ray_cluster, ptbxl_root, tmp_path)
     out = tmp_path / "dataset"
     result = submit_job(
         ray_cluster,
-        [sys.executable, "-m", "pipelines.ingest", str(REPO / "configs/sources/ptbxl.yaml"), "--output", str(out)],
+        [sys.executable, "-m", "crema.stages.ingest", str(REPO / "configs/sources/ptbxl.yaml"), "--output", str(out)],
         {"PTBXL_ROOT": str(ptbxl_root), "CREMA_PSEUDONYM_KEY": KEY.decode(), "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -9,10 +9,10 @@ import pytest
 import wfdb
 
 from crema.config import SourceConfig
-from crema.signals import LEADS, RecordRejected
-from crema.sources import reader_for
-from crema.sources.numpy_reader import NumpyReader
-from crema.sources.wfdb_reader import WfdbReader
+from crema.data.signals import LEADS, RecordRejected
+from crema.data.readers import reader_for
+from crema.data.readers.numpy_reader import NumpyReader
+from crema.data.readers.wfdb_reader import WfdbReader
 
 
 def wfdb_source(folder, **kw) -> SourceConfig:

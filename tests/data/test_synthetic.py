@@ -12,10 +12,10 @@ import wfdb
 from scipy import signal as sps
 
 from crema.config import SourceConfig, load_yaml
-from crema.labels import LabelIndex
-from crema.signals import LEADS
-from crema.sources import reader_for
-from crema.synthetic import CLASSES, source_config, write_synthetic_corpus
+from crema.data.labels import LabelIndex
+from crema.data.signals import LEADS
+from crema.data.readers import reader_for
+from crema.data.synthetic import CLASSES, source_config, write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 FS, SECONDS = 500, 10.0

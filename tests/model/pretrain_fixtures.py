@@ -1,6 +1,6 @@
 """A small windows dataset cut from real PTB-XL records, in the ingest stage's layout.
 
-Built directly (wfdb → crema.signals → Parquet) so the pretraining tests depend on the dataset
+Built directly (wfdb → crema.data.signals → Parquet) so the pretraining tests depend on the dataset
 contract only, not on the ingest job; PTB-XL's own folds give the splits (1-8 train, 9 val, 10 test).
 """
 
@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import wfdb
 
-from crema.dataset import file_schema
-from crema.signals import NormaliseOptions, RawRecord, to_canonical, windows
+from crema.data.schema import file_schema
+from crema.data.signals import NormaliseOptions, RawRecord, to_canonical, windows
 
 FOLD_SPLITS = {**{fold: "train" for fold in range(1, 9)}, 9: "val", 10: "test"}
 

@@ -22,16 +22,19 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from crema.config import ConfigError, IngestConfig, ModelConfig
-from crema.data import MODEL_COLUMNS, iter_table_batches
-from crema.dataset import read_windows
-from crema.embed import embed_windows, embedding_matrix
-from crema.engine import train_one_epoch, warmup_cosine
-from crema.ingest import ingest
-from crema.finetune import Classifier, build_optimizer
-from crema.model import CREMA, SiTEncoder, load_encoder, save_encoder
-from crema.tasks import (META_COLUMNS, SIGNAL_COLUMNS, build_task_encoder, encoder_bytes, label_fraction_subset,
-                         load_task, record_keys, split_roles)
-from pipelines import compare, finetune, probe
+from crema.data.batches import MODEL_COLUMNS, iter_table_batches
+from crema.data.schema import read_windows
+from crema.evaluation.embeddings import embed_windows, embedding_matrix
+from crema.train.engine_pretrain import train_one_epoch
+from crema.train.optim import warmup_cosine
+from crema.stages.ingest import ingest
+from crema.train.engine_finetune import Classifier, build_optimizer
+from crema.model.network import CREMA, SiTEncoder
+from crema.train.artifacts import load_encoder, save_encoder
+from crema.evaluation.encoders import build_task_encoder, encoder_bytes
+from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, label_fraction_subset, load_task, record_keys,
+                                    split_roles)
+from crema.stages import compare, finetune, probe
 from tests.conftest import REPO, submit_job
 from tests.data.test_ingest import KEY, ptbxl_source
 
@@ -305,7 +308,7 @@ def test_probe_entrypoint_via_ray_job_submit(ray_cluster, probe_results, dataset
     db = workdir / "job-mlflow.db"
     result = submit_job(
         ray_cluster,
-        [sys.executable, "-m", "pipelines.probe", "--task", str(TASK_FILE), "--encoder", "crema",
+        [sys.executable, "-m", "crema.stages.probe", "--task", str(TASK_FILE), "--encoder", "crema",
          "probe.epochs=2", "probe.num_samples=1", "probe.lr=[0.01]", "probe.weight_decay=[0.0]", "n_boot=100"],
         {"PYTHONPATH": str(REPO), "CREMA_DATASET": str(dataset), "CREMA_DOWNSTREAM": str(workdir / "downstream"),
          "CREMA_ENCODER": str(pretrained[0]), "MLFLOW_TRACKING_URI": f"sqlite:///{db}"},

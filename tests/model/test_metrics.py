@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from crema import metrics
+from crema.evaluation import bootstrap, metrics
 
 CLASSES = ["NORM", "MI", "STTC", "CD", "HYP"]
 
@@ -92,7 +92,7 @@ def test_patient_bootstrap_never_splits_a_patient():
     rng = np.random.default_rng(4)
     patients = rng.permutation(np.repeat([f"p{k}" for k in range(30)], rng.integers(1, 5, size=30)))
     patient_names, patient_of_record = np.unique(patients, return_inverse=True)
-    resamples = list(metrics.patient_bootstrap_indices(patients, n_boot=200, seed=7))
+    resamples = list(bootstrap.patient_bootstrap_indices(patients, n_boot=200, seed=7))
     assert len(resamples) == 200
     for chosen in resamples:
         multiplicity = np.bincount(chosen, minlength=len(patients))
@@ -104,9 +104,9 @@ def test_patient_bootstrap_never_splits_a_patient():
     assert len({tuple(chosen) for chosen in resamples}) > 190
     assert any(np.bincount(c, minlength=len(patients)).max() > 1 for c in resamples)
 
-    again = list(metrics.patient_bootstrap_indices(patients, n_boot=200, seed=7))
+    again = list(bootstrap.patient_bootstrap_indices(patients, n_boot=200, seed=7))
     assert all(np.array_equal(a, b) for a, b in zip(resamples, again))
-    other = list(metrics.patient_bootstrap_indices(patients, n_boot=200, seed=8))
+    other = list(bootstrap.patient_bootstrap_indices(patients, n_boot=200, seed=8))
     assert not all(np.array_equal(a, b) for a, b in zip(resamples, other))
 
 
@@ -114,7 +114,7 @@ def test_bootstrap_ci_evaluates_exactly_the_patient_resamples():
     y, s, patients = predictions(80, 30, seed=5)
     n_boot, alpha = 60, 0.1
     by_resample = []
-    for chosen in metrics.patient_bootstrap_indices(patients, n_boot, seed=11):
+    for chosen in bootstrap.patient_bootstrap_indices(patients, n_boot, seed=11):
         try:
             by_resample.append(roc_auc_score(y[chosen], s[chosen], average="macro"))
         except ValueError:  # a class with one label value in this resample
@@ -122,9 +122,9 @@ def test_bootstrap_ci_evaluates_exactly_the_patient_resamples():
     expected_low, expected_high = np.quantile(by_resample, [alpha / 2, 1 - alpha / 2])
 
     all_classes = range(len(CLASSES))
-    fast = metrics.bootstrap_ci(metrics.macro_metric(metrics.per_class_auroc_weighted, all_classes),
+    fast = bootstrap.bootstrap_ci(metrics.macro_metric(metrics.per_class_auroc_weighted, all_classes),
                                 y, s, patients, n_boot=n_boot, alpha=alpha, seed=11)
-    slow = metrics.bootstrap_ci(metrics.per_resample(lambda yb, sb: roc_auc_score(yb, sb, average="macro")),
+    slow = bootstrap.bootstrap_ci(metrics.per_resample(lambda yb, sb: roc_auc_score(yb, sb, average="macro")),
                                 y, s, patients, n_boot=n_boot, alpha=alpha, seed=11)
     for ci in (fast, slow):
         assert ci.point == pytest.approx(roc_auc_score(y, s, average="macro"), abs=1e-12)
@@ -138,9 +138,9 @@ def test_undefined_resamples_are_skipped_and_counted():
     y, s, patients = predictions(60, 30, seed=6)
     y[:, 4] = 0
     y[patients == patients[0], 4] = 1  # HYP positive for a single patient: absent from many resamples
-    undefined = sum(1 for chosen in metrics.patient_bootstrap_indices(patients, 300, seed=2)
+    undefined = sum(1 for chosen in bootstrap.patient_bootstrap_indices(patients, 300, seed=2)
                     if y[chosen, 4].min() == y[chosen, 4].max())
-    ci = metrics.bootstrap_ci(metrics.macro_metric(metrics.per_class_auroc_weighted, range(len(CLASSES))),
+    ci = bootstrap.bootstrap_ci(metrics.macro_metric(metrics.per_class_auroc_weighted, range(len(CLASSES))),
                               y, s, patients, n_boot=300, seed=2)
     assert 0 < ci.n_skipped == undefined < 300
     assert ci.n_valid == 300 - undefined and np.isfinite([ci.low, ci.high]).all()

@@ -12,8 +12,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from crema.config import ModelConfig
-from crema.model import (CREMA, SiTEncoder, load_encoder, model_flops_per_sample, num_visible_patches,
-                         param_groups_lrd, save_encoder)
+from crema.model.masking import num_visible_patches
+from crema.model.network import CREMA, SiTEncoder
+from crema.train.artifacts import load_encoder, save_encoder
+from crema.train.flops import model_flops_per_sample
+from crema.train.optim import param_groups_lrd
 
 torch.set_num_threads(2)
 

@@ -14,10 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from crema.config import ConfigError, ModelConfig, PretrainConfig, load_yaml
-from crema.data import MODEL_COLUMNS, iter_table_batches
-from crema.dataset import read_windows
-from crema.engine import evaluate, train_one_epoch, warmup_cosine
-from crema.model import CREMA, load_encoder
+from crema.data.batches import MODEL_COLUMNS, iter_table_batches
+from crema.data.schema import read_windows
+from crema.train.engine_pretrain import train_one_epoch, validate
+from crema.train.optim import warmup_cosine
+from crema.model.network import CREMA
+from crema.train.artifacts import load_encoder
 from tests.model.pretrain_fixtures import write_ptbxl_windows
 
 WINDOW_S, FS = 2.0, 500
@@ -47,11 +49,11 @@ def test_loss_falls_on_real_ptbxl_windows(windows_120):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(4, steps))
     cpu = torch.device("cpu")
 
-    before = evaluate(model, iter_table_batches(val, 16), num_steps=4, device=cpu)
+    before = validate(model, iter_table_batches(val, 16), num_steps=4, device=cpu)
     seen = []
     done = train_one_epoch(model, iter_table_batches(train, 16, seed=0), optimizer, scheduler, num_steps=steps,
                            start_step=0, device=cpu, clip_grad=1.0, on_step=seen.append)
-    after = evaluate(model, iter_table_batches(val, 16), num_steps=4, device=cpu)
+    after = validate(model, iter_table_batches(val, 16), num_steps=4, device=cpu)
 
     assert done == steps and [s.step for s in seen] == list(range(1, steps + 1))
     # The same validation windows and masks (fixed seed) before and after: the model has learnt.
@@ -125,7 +127,7 @@ def checkpoint_state(folder: Path) -> dict:
 def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(windows_40, ray_local, tmp_path):
     import ray.train
 
-    from pipelines.pretrain import run
+    from crema.stages.pretrain import run
 
     torch.set_num_threads(1)
     # The last rank dies hard (os._exit, as under an OOM kill) after step 5, only in an attempt that
@@ -191,7 +193,7 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
 
 
 def test_window_length_mismatch_is_a_config_error_before_any_training(windows_40, tmp_path):
-    from pipelines.pretrain import run
+    from crema.stages.pretrain import run
 
     cfg = pretrain_config(windows_40, tmp_path, model={**SMALL_MODEL, "window_samples": 2000})
     with pytest.raises(ConfigError, match="1000 samples"):
@@ -201,7 +203,7 @@ def test_window_length_mismatch_is_a_config_error_before_any_training(windows_40
 
 @pytest.mark.timeout(300)
 def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local, tmp_path):
-    from pipelines.pretrain import run
+    from crema.stages.pretrain import run
 
     options = {"key": "testing", "secret": "testing",
                "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}

@@ -1,0 +1,56 @@
+"""Window rows → tensors: the one decoding of a windows table (or Ray batch) into what the model takes.
+
+A batch of the windows dataset (:mod:`crema.data.schema`) becomes ``x`` (B, 12, L) float32,
+``lead_mask`` (B, 12) bool and, for pretraining, ``record_group`` (B,) int64. Windows cut from the same
+recording share a ``record_group``, which the contrastive loss treats as positives with ``positives: record``.
+
+The ``signal`` column is fixed-size binary; viewing its buffer is zero-copy, so a
+batch decodes with one float16→float32 cast and no per-row Python work besides hashing record ids.
+Every consumer goes through :func:`decode_window_batch`: pretraining (in-memory via
+:func:`iter_table_batches`, or Ray's prefetch threads via ``crema.stages.pretrain.WindowCollate``),
+fine-tuning and embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from crema.data.schema import decode_masks, decode_signals
+from crema.model.losses import group_ids
+
+# What the model needs from a window row; `source` is a partition column (a folder name).
+MODEL_COLUMNS = ["signal", "lead_mask", "source", "record_id"]
+
+
+def decode_window_batch(batch: pa.Table, *, record_group: bool = True) -> dict[str, torch.Tensor]:
+    """Arrow rows → {"x", "lead_mask"[, "record_group"]} CPU tensors (record_group needs source, record_id)."""
+    signals = decode_signals(batch)
+    x = torch.from_numpy(signals.astype(np.float32))  # a copy: Arrow buffers are read-only
+    lead_mask = torch.from_numpy(decode_masks(batch.column("lead_mask")))
+    out = {"x": x, "lead_mask": lead_mask}
+    if record_group:
+        keys = [f"{s}/{r}" for s, r in zip(batch.column("source").to_pylist(), batch.column("record_id").to_pylist())]
+        out["record_group"] = group_ids(keys)
+    return out
+
+
+def iter_table_batches(table: pa.Table, batch_size: int, *, seed: int | None = None, drop_last: bool = True,
+                       labels: np.ndarray | None = None,
+                       record_group: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of an in-memory table, shuffled with `seed` (None keeps row order): the loop without Ray.
+
+    `labels` (n, C), row-aligned with the table, adds each batch's rows as "y" float32 (fine-tuning).
+    """
+    order = np.arange(table.num_rows) if seed is None else np.random.default_rng(seed).permutation(table.num_rows)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
+        rows = order[start:start + batch_size]
+        rows_table = table.slice(start, batch_size) if seed is None else table.take(rows)
+        batch = decode_window_batch(rows_table, record_group=record_group)
+        if labels is not None:
+            batch["y"] = torch.from_numpy(np.asarray(labels[rows], dtype=np.float32))
+        yield batch

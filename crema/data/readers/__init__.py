@@ -1,0 +1,168 @@
+"""Readers: one small class per file format, looked up by the source's `format` key.
+
+Readers are found through the Python entry-point group ``crema.readers`` (name = format, value =
+``module:Class``), the built-in ones included (see pyproject.toml). So a hospital's own reader can live
+in its own package: it subclasses :class:`Reader` and declares an entry point, and no file here changes.
+A new hospital with a known format is only a YAML file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from abc import ABC, abstractmethod
+from importlib.metadata import EntryPoint, entry_points
+from typing import ClassVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from crema.config import SourceConfig
+from crema.data.signals import RawRecord, RecordRejected
+
+ENTRY_POINT_GROUP = "crema.readers"
+
+# Files larger than this are refused before they are read: no ECG record needs more, and a hostile
+# header must not make a worker allocate without bound.
+MAX_RECORD_BYTES = 512 * 2**20
+
+
+@functools.cache
+def installed_readers() -> dict[str, EntryPoint]:
+    """Every installed reader by lower-case format name. Entry points are only named here: a reader's
+    module (and its library: pydicom, edfio, ...) is imported when a source of that format is read."""
+    return {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def reader_class(format: str) -> type["Reader"]:
+    """The reader class of a format name (case-insensitive); KeyError naming the installed ones."""
+    readers = installed_readers()
+    try:
+        entry_point = readers[format.strip().lower()]
+    except KeyError:
+        raise KeyError(f"unknown format {format!r}; installed readers: {sorted(readers)}") from None
+    cls = entry_point.load()
+    if not (isinstance(cls, type) and issubclass(cls, Reader)):
+        raise TypeError(f"entry point {entry_point.value!r} of format {entry_point.name!r} is not a Reader subclass")
+    return cls
+
+
+def reader_for(source: SourceConfig) -> "Reader":
+    return reader_class(source.format)(source)
+
+
+class Reader(ABC):
+    """Finds the records of one source and reads each into a :class:`RawRecord`.
+
+    Record ids are paths relative to the source root without extension (``00000/00001_hr``), so they
+    are stable across machines and storage (local or s3://). Every method that touches one record
+    raises :class:`RecordRejected` with a specific reason for bad input, never anything else on purpose.
+    """
+
+    extensions: ClassVar[tuple[str, ...]]  # files that mark a record when walking the folder
+    # A record declaring more than this is hostile or broken; ingest sets it from IngestConfig.
+    max_record_seconds: float = 24 * 3600
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.fs, self.root = url_to_fs(source.path, **source.storage_options)
+        self.root = self.root.rstrip("/")
+
+    def discover(self) -> list[str]:
+        """Every record id of the source, sorted: the `records` file's, or every file with one of
+        `extensions` found in one recursive listing (a paginated LIST on s3, not a walk per folder)."""
+        listed = self.listed_records()
+        if listed is not None:
+            return listed
+        prefix = self.root + "/"
+        ids = set()
+        for path in self.fs.find(self.root):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(self.extensions) and not name.startswith("."):
+                relative = path[len(prefix):] if path.startswith(prefix) else path
+                ids.add(relative.rsplit(".", 1)[0])
+        return sorted(ids)
+
+    @abstractmethod
+    def record_files(self, record_id: str) -> list[str]:
+        """The files whose bytes make up the record (fingerprinted for duplicate detection)."""
+
+    @abstractmethod
+    def read(self, record_id: str) -> RawRecord:
+        """The record's channels as found, or RecordRejected."""
+
+    def path_of(self, relative: str) -> str:
+        """A path under the source root; refuses anything that escapes it (hostile headers)."""
+        parts = []
+        for part in relative.replace("\\", "/").split("/"):
+            if part in ("", "."):
+                continue
+            if part == ".." or ":" in part:
+                raise RecordRejected("path_outside_source", f"{relative!r} points outside the source folder")
+            parts.append(part)
+        if not parts:
+            raise RecordRejected("path_outside_source", f"{relative!r} is not a file under the source")
+        return "/".join([self.root, *parts])
+
+    def read_bytes(self, path: str) -> bytes:
+        """A record file's bytes, refused above MAX_RECORD_BYTES and rejected when missing."""
+        try:
+            size = self.fs.size(path)
+        except FileNotFoundError:
+            raise RecordRejected("missing_file", path.rsplit("/", 1)[-1]) from None
+        if size is not None and size > MAX_RECORD_BYTES:
+            raise RecordRejected("file_too_large", f"{path.rsplit('/', 1)[-1]} is {size} bytes")
+        try:
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise RecordRejected("missing_file", path.rsplit("/", 1)[-1]) from None
+
+    def fingerprint(self, record_id: str) -> str:
+        """SHA-256 of the record's signal bytes: equal for byte-identical copies under other names."""
+        digest = hashlib.sha256()
+        for path in self.record_files(record_id):
+            digest.update(self.read_bytes(path))
+        return digest.hexdigest()
+
+    def listed_records(self) -> list[str] | None:
+        """Record ids from the source's `records` file (RECORDS or a CSV with a `record` column)."""
+        if not self.source.records:
+            return None
+        path = self.path_of(self.source.records) if "://" not in self.source.records else self.source.records
+        with fsspec.open(path, "rt", **self.source.storage_options) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        if self.source.records.endswith(".csv"):
+            header = [h.strip() for h in lines[0].split(",")]
+            col = header.index("record")
+            lines = [ln.split(",")[col].strip() for ln in lines[1:]]
+        return sorted(dict.fromkeys(lines))
+
+
+class SingleFileReader(Reader):
+    """A format whose record is one file: the id is its path without extension.
+
+    `extensions` are tried in order to find the file back from the id, so list the spellings hospital
+    exports use (``.xml`` and ``.XML``). Subclasses implement :meth:`parse`, from the file's bytes.
+    """
+
+    def record_files(self, record_id: str) -> list[str]:
+        return [self.file_of(record_id)]
+
+    def read(self, record_id: str) -> RawRecord:
+        path = self.file_of(record_id)
+        return self.parse(record_id, self.read_bytes(path), path)
+
+    @abstractmethod
+    def parse(self, record_id: str, data: bytes, path: str) -> RawRecord:
+        """The record in `data` (the bytes of `path`), or RecordRejected."""
+
+    def file_of(self, record_id: str) -> str:
+        """The one file of a record id: its path under the source, with the format's extension."""
+        if len(self.extensions) == 1:
+            return self.path_of(record_id + self.extensions[0])  # no lookup needed (one stat less on s3)
+        for ext in self.extensions:
+            path = self.path_of(record_id + ext)
+            if self.fs.exists(path):
+                return path
+        raise RecordRejected("missing_file", f"{record_id} with none of {self.extensions}")

@@ -1,0 +1,61 @@
+"""A downstream task's encoders: a pretrained artifact (local or remote), or a seeded random init.
+
+Encoders travel to Ray actors and Tune trials as bytes, in the format :func:`crema.train.artifacts.save_encoder`
+writes.
+"""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import torch
+
+from crema.config import EncoderSpec, ModelConfig, TaskConfig
+from crema.model.network import SiTEncoder
+from crema.train.artifacts import load_encoder, save_encoder
+
+
+def _open(path: str, storage_options: dict):
+    """A binary file handle on a local path or a remote URI."""
+    return fsspec.open(path, "rb", **storage_options)
+
+
+def encoder_exists(path: str, storage_options: dict) -> bool:
+    """Whether an encoder artifact is there (local path or URI)."""
+    fs, inner = fsspec.core.url_to_fs(path, **storage_options)
+    return fs.exists(inner)
+
+
+def artifact_config(path: str, storage_options: dict) -> ModelConfig:
+    """The ModelConfig stored in an encoder artifact."""
+    with _open(path, storage_options) as f:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+    return ModelConfig.model_validate(blob["config"])
+
+
+def build_task_encoder(spec: EncoderSpec, task: TaskConfig) -> SiTEncoder:
+    """The spec's encoder in eval mode: its artifact's weights, or a seeded random init (a baseline)."""
+    if spec.init == "pretrained":
+        with _open(spec.path, task.storage_options) as f:
+            return load_encoder(io.BytesIO(f.read()))
+    if spec.like is not None:
+        like = next(e for e in task.encoders if e.name == spec.like)
+        cfg = artifact_config(like.path, task.storage_options)
+    else:
+        cfg = spec.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return SiTEncoder(cfg).eval()
+
+
+def encoder_bytes(encoder: SiTEncoder) -> bytes:
+    """The encoder as save_encoder writes it: what Ray actors and Tune trials are handed."""
+    buffer = io.BytesIO()
+    save_encoder(encoder, buffer)
+    return buffer.getvalue()
+
+
+def encoder_from_bytes(blob: bytes, device: str | torch.device = "cpu") -> SiTEncoder:
+    """The encoder of :func:`encoder_bytes`, on `device`, in eval mode."""
+    return load_encoder(io.BytesIO(blob), map_location=device)

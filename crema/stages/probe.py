@@ -1,0 +1,182 @@
+"""Linear-probe evaluation: `python -m crema.stages.probe --task configs/tasks/ptbxl_superdiagnostic.yaml [key=value ...]`.
+
+Also `crema probe`, and `ray job submit -- python -m crema.stages.probe ...` on a cluster.
+
+For each selected encoder, one Ray Data pass over the task's windows (an actor pool, one encoder per
+actor, a GPU each when the cluster has them) writes the frozen embeddings to Parquet under
+``<output>/<task>/embeddings/``; the pass is skipped when the same encoder weights have already
+embedded the same dataset. Then, per label fraction, a Ray Tune sweep trains linear heads on those
+embeddings (ASHA on the validation macro AUROC), and the best one is evaluated once on the test split
+(see :mod:`crema.stages.sweep` for the MLflow runs it leaves).
+
+Exit codes: 0 done; 2 invalid configuration (bad task file, unknown encoder, missing artifact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+import torch
+import typer
+from fsspec.core import url_to_fs
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.data.datasource import PathPartitionFilter
+from ray.data.datasource.partitioning import Partitioning
+from rich.console import Console
+
+from crema.config import EncoderSpec, TaskConfig
+from crema.tracking import dataset_tags
+from crema.data.schema import windows_uri
+from crema.evaluation.embeddings import embedding_matrix
+from crema.evaluation.encoders import build_task_encoder, encoder_bytes
+from crema.evaluation.probe import LinearProbe, predict_probe, train_probe
+from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
+                                    task_sources)
+from crema.stages.common import init_ray
+from crema.stages.embed import embed_dataset
+from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, prepare_task,
+                                print_results, run_sweep, select_encoders, sweep_command, trial_run)
+
+console = Console()
+PROBE_FILE = "probe.pt"
+COMPLETE_MARKER = "_COMPLETE"  # written last; a leading "_" keeps Parquet readers off it
+HYPERPARAMETERS = ("lr", "weight_decay")
+
+# A sweep small enough for the `crema demo` budget on 2 CPUs: 4 trials of 8 epochs, a 200-resample CI.
+DEMO_OVERRIDES = {"probe.epochs": 8, "probe.grace_period": 2, "probe.num_samples": 1,
+                  "probe.lr": [1e-3, 1e-2], "probe.weight_decay": [0.0, 1e-3], "probe.batch_size": 128,
+                  "n_boot": 200, "label_fractions": [1.0]}
+
+
+# ------------------------------------------------------------------------------------- embeddings
+
+def ray_filesystem(task: TaskConfig, uri: str):
+    """(path, filesystem) for Ray/pyarrow: the task's fsspec options as a pyarrow filesystem when it has any."""
+    if not task.storage_options:
+        return uri, None
+    fs, path = url_to_fs(uri, **task.storage_options)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def read_task_windows(task: TaskConfig, sources: list[str]):
+    """The windows of `sources` as a Ray Dataset (the path filter skips other sources' files unopened)."""
+    path, filesystem = ray_filesystem(task, windows_uri(task.dataset))
+    return ray.data.read_parquet(
+        path, filesystem=filesystem, partitioning=Partitioning("hive"),
+        partition_filter=PathPartitionFilter.of(lambda keys: keys.get("source") in sources, style="hive"),
+    ).select_columns([*SIGNAL_COLUMNS, *META_COLUMNS])
+
+
+def embeddings_key(blob: bytes, dataset_tags: dict[str, str], sources: list[str]) -> str:
+    """Same encoder weights, same dataset content, same sources: same embeddings."""
+    digest = hashlib.sha256(blob)
+    digest.update(json.dumps([dataset_tags.get("dataset_manifest_sha256", dataset_tags["dataset"]), sources])
+                  .encode())
+    return digest.hexdigest()[:16]
+
+
+def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: list[str],
+                    dataset_tags: dict[str, str]) -> pa.Table:
+    """Every window of `sources` embedded by the encoder: computed once, then read back from Parquet."""
+    uri = f"{task.output.rstrip('/')}/{task.name}/embeddings/{spec.name}-{embeddings_key(blob, dataset_tags, sources)}"
+    fs, path = url_to_fs(uri, **task.storage_options)
+    marker = f"{path}/{COMPLETE_MARKER}"
+    if fs.exists(marker):
+        console.print(f"embeddings of {spec.name}: reusing {uri}")
+    else:
+        if fs.exists(path):  # an interrupted pass: its files are incomplete
+            fs.rm(path, recursive=True)
+        console.print(f"embeddings of {spec.name}: one pass over {', '.join(sources)} → {uri}")
+        embed_dataset(read_task_windows(task, sources), blob, *ray_filesystem(task, uri), settings=task.embed)
+        fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources}).encode())
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+# ------------------------------------------------------------------------------------------ trial
+
+def probe_trial(config: dict, *, context: TrialContext, z_train: np.ndarray, y_train: np.ndarray,
+                z_val: np.ndarray, val: LabelledWindows, epochs: int, batch_size: int, seed: int) -> None:
+    """One Tune trial: a linear probe with this config's lr and weight decay, reported every epoch."""
+    with trial_run(context, config, epochs) as reporter:
+        for step in train_probe(z_train, y_train, lr=config["lr"], weight_decay=config["weight_decay"],
+                                epochs=epochs, batch_size=batch_size, seed=seed):
+            metrics = {"epoch": step.epoch, "train_loss": step.train_loss,
+                       METRIC: val.macro_auroc(predict_probe(step.model, z_val))}
+            reporter.report(metrics, lambda folder: torch.save(step.model.state_dict(),
+                                                               os.path.join(folder, PROBE_FILE)))
+
+
+def load_probe(result, dim: int, num_classes: int) -> LinearProbe:
+    """The best checkpoint's probe of a Tune result."""
+    checkpoint = result.get_best_checkpoint(METRIC, "max")
+    model = LinearProbe(torch.zeros(dim), torch.ones(dim), num_classes)
+    with checkpoint.as_directory() as folder:
+        model.load_state_dict(torch.load(os.path.join(folder, PROBE_FILE), weights_only=True))
+    return model
+
+
+def score_best_probe(result, tags: dict[str, str], *, z_val: np.ndarray, z_test: np.ndarray,
+                     num_classes: int) -> BestTrialScores:
+    """The chosen probe's window scores on val and test (a head on embeddings: cheap, in the driver)."""
+    model = load_probe(result, z_val.shape[1], num_classes)
+    return BestTrialScores(predict_probe(model, z_val), predict_probe(model, z_test))
+
+
+# ---------------------------------------------------------------------------------------- command
+
+def run(task: TaskConfig | str | Path, overrides: dict | None = None,
+        encoders: list[str] | None = None) -> list[SweepResult]:
+    """Probe every selected encoder of the task at every label fraction; one SweepResult per sweep."""
+    task = prepare_task(task, overrides)
+    specs = select_encoders(task, "probe", encoders)
+    init_ray()
+    tags = dataset_tags(task.dataset, task.storage_options)
+    sources = task_sources(task, [s for s in tags["dataset_sources"].split(",") if s])
+    sweep = task.probe
+    results = []
+    for spec in specs:
+        blob = encoder_bytes(build_task_encoder(spec, task))
+        roles = split_roles(task_embeddings(task, spec, blob, sources, tags), task)
+        val = LabelledWindows.from_table(roles["val"], task.classes)
+        test = LabelledWindows.from_table(roles["test"], task.classes)
+        z_val, z_test = embedding_matrix(roles["val"]), embedding_matrix(roles["test"])
+        for fraction in task.label_fractions:
+            train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
+            y_train = LabelledWindows.from_table(train, task.classes).y
+            results.append(run_sweep(SweepInputs(
+                task=task, method="probe", spec=spec, fraction=fraction, sweep=sweep, trainable=probe_trial,
+                trial_inputs=dict(z_train=embedding_matrix(train), y_train=y_train, z_val=z_val, val=val,
+                                  epochs=sweep.epochs, batch_size=sweep.batch_size, seed=task.seed),
+                hyperparameters=HYPERPARAMETERS,
+                resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
+                val=val, test=test, n_train_windows=train.num_rows,
+                score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)))))
+    return results
+
+
+def run_demo(task: str | Path, *, dataset: str, encoders: list[dict], tracking_uri: str) -> list[SweepResult]:
+    """The probe step of `crema demo`: its pretrained encoders (EncoderSpec dicts) and a random-init
+    baseline of the same architecture, in a sweep small enough for 2 CPUs."""
+    random_init = {"name": "random_init", "init": "random", "like": encoders[0]["name"],
+                   "description": "random initialisation, same architecture"}
+    overrides = {**DEMO_OVERRIDES, "dataset": dataset, "output": str(Path(dataset).parent / "downstream"),
+                 "tracking.tracking_uri": tracking_uri, "encoders": [*encoders, random_init]}
+    results = run(task, overrides)
+    print_results(results)
+    return results
+
+
+main = sweep_command(run, "Linear-probe the task's encoders: embeddings in one Ray Data pass, a Ray Tune sweep "
+                           "of heads, MLflow.")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,1 +1,0 @@
-"""Thin Ray entrypoints, one per stage: `python -m pipelines.<stage>`."""
