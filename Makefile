@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export CREMA_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test bench install clean image image-name
+.PHONY: demo test lint bench install clean image image-name
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/crema demo --workdir demo-output
 
-test: $(STAMP)
+# Lint and types first (configs in pyproject.toml: [tool.ruff], [tool.mypy]), then the suite.
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check crema
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest

@@ -95,7 +95,7 @@ def pipeline(corpus: Path, out: Path, num_cpus: int) -> tuple[float, int]:
     """Records/s of the Ray Data ingest (cluster start excluded) and its peak memory in bytes."""
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        source = SourceConfig(name="bench", format="wfdb", path=str(corpus))
+        source = SourceConfig(name="bench", format="wfdb", path=str(corpus), follow_symlinks=True)  # replicas
         # Replicas are byte-identical on purpose: keep them all so that every record is processed.
         cfg = IngestConfig(drop_duplicates=False)
         ingest([source], str(out / "warmup"), cfg, pseudonym=b"bench")  # worker start-up, imports
@@ -144,7 +144,7 @@ def format_throughput(formats_root: Path, tmp: Path, replicas: int, target_fs: i
             (corpus / f"copy{k}").mkdir(parents=True)
             for f in sources:
                 (corpus / f"copy{k}" / f.name).symlink_to(f)
-        reader = reader_for(SourceConfig(name="bench", format=fmt, path=str(corpus), **keys))
+        reader = reader_for(SourceConfig(name="bench", format=fmt, path=str(corpus), follow_symlinks=True, **keys))
         ids = reader.discover()
         opts = NormaliseOptions(target_fs=target_fs, min_leads=1)  # every file counts, whatever its leads
         to_canonical(reader.read(ids[0]), opts)  # imports and first-call costs out of the timing

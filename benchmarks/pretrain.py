@@ -52,7 +52,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def ingest_ptbxl(records500: Path, workdir: Path, replicas: int) -> Path:
     corpus = replicate(records500, workdir / "corpus", replicas)
-    source = SourceConfig(name="ptbxl", format="wfdb", path=str(corpus))
+    source = SourceConfig(name="ptbxl", format="wfdb", path=str(corpus), follow_symlinks=True)  # replicas
     # The copies are byte-identical on purpose: keep them all (distinct record ids).
     ingest([source], str(workdir / "dataset"), IngestConfig(drop_duplicates=False), pseudonym=b"benchmark")
     return workdir / "dataset"
@@ -76,7 +76,7 @@ def plain_loop(cfg: PretrainConfig) -> tuple[float, float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps, steps))
     step_rates = []
     started = time.perf_counter()
-    train_one_epoch(model, iter_table_batches(train, cfg.data.batch_size, seed=cfg.seed), optimizer, scheduler,
+    train_one_epoch(model, iter_table_batches(train, cfg.data.batch_size, cfg.model.input, seed=cfg.seed), optimizer, scheduler,
                     num_steps=steps, start_step=0, device=torch.device("cpu"), clip_grad=cfg.optim.clip_grad,
                     on_step=lambda stats: step_rates.append(stats.samples_per_s))
     return steps * cfg.data.batch_size / (time.perf_counter() - started), statistics.median(step_rates)

@@ -28,13 +28,16 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def expand_env(text: str) -> str:
-    """Replace ${VAR} and ${VAR:-default} references with the environment's values."""
+def expand_env(text: str, defaults_used: list[tuple[str, str]] | None = None) -> str:
+    """Replace ${VAR} and ${VAR:-default} references with the environment's values; the (VAR, default)
+    pairs whose default was taken are appended to `defaults_used`."""
     def substitute(m: re.Match) -> str:
         value = os.environ.get(m.group(1))
         if value is None:
             if m.group(2) is None:
                 raise ConfigError(f"environment variable {m.group(1)} is not set (referenced as {m.group(0)})")
+            if defaults_used is not None:
+                defaults_used.append((m.group(1), m.group(2)))
             return m.group(2)
         return value
     return _ENV_REF.sub(substitute, text)
@@ -53,10 +56,34 @@ def join_uri(base: str, relative: str) -> str:
 M = TypeVar("M", bound=BaseModel)
 
 
+# The configs shipped in the package (crema/configs: a link to the checkout's configs/, real files in a wheel).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR_ENV = "CREMA_CONFIG_DIR"  # another folder to look in first (the image sets /opt/crema/configs)
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` if it exists; else a relative ``configs/...`` path (or one relative to the configs folder) found
+    in $CREMA_CONFIG_DIR or the configs shipped with crema, so the documented paths work from an installed
+    wheel and from any working directory. Otherwise `path` unchanged (reading it then fails clearly)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    inner = Path(*given.parts[1:]) if given.parts[:1] == ("configs",) else given
+    for root in (os.environ.get(CONFIG_DIR_ENV), PACKAGED_CONFIGS):
+        if root and inner.parts and (Path(root) / inner).is_file():
+            return Path(root) / inner
+    return given
+
+
 def load_yaml(path: str | Path, model: type[M], overrides: dict | None = None) -> M:
-    """Read a YAML file into `model`, with env expansion and dotted-key overrides (`optim.lr=1e-3`)."""
+    """Read a YAML file into `model`, with env expansion and dotted-key overrides (`optim.lr=1e-3`).
+
+    A relative ``configs/...`` path not found from the working directory is looked up in the packaged
+    configs (:func:`find_config`)."""
+    path = find_config(path)
+    defaults: list[tuple[str, str]] = []
     try:
-        data = yaml.safe_load(expand_env(Path(path).read_text())) or {}
+        data = yaml.safe_load(expand_env(Path(path).read_text(), defaults)) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
     for dotted, value in (overrides or {}).items():
@@ -65,7 +92,10 @@ def load_yaml(path: str | Path, model: type[M], overrides: dict | None = None) -
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return validate(model, data, str(path))
+    loaded = validate(model, data, str(path))
+    if isinstance(loaded, SourceConfig):
+        _check_defaulted_path(loaded, defaults, path)
+    return loaded
 
 
 def validate(model: type[M], data: dict, origin: str = "command line") -> M:
@@ -104,8 +134,9 @@ class LabelTable(Schema):
 
     table: str  # CSV, relative to the source path
     record_column: str  # values matched to records by file stem (00001_hr) or by relative record id
-    label_column: str | None = None
+    label_column: str | list[str] | None = None  # several columns: the union of their codes
     label_format: Literal["dict", "list", "single"] = "dict"  # "{'NORM': 100.0}", "a;b", "a"
+    label_separator: str | None = None  # list format: the one separator ("|" keeps "Atrial flutter, typical"); default ; or ,
     maps: list[LabelMap] = Field(default_factory=list)  # union of all maps; none keeps raw codes
     patient_column: str | None = None
     split_column: str | None = None
@@ -146,6 +177,14 @@ class SourceConfig(Schema):
     units: str | None = None  # overrides the file's units (for formats that lack them)
     fs: float | None = Field(None, gt=0)  # sampling rate, for formats that lack one
     hash_split: HashSplit = Field(default_factory=HashSplit)
+    max_reject_fraction: float | None = Field(None, ge=0, le=1)  # this source's threshold; default the ingest's
+    follow_symlinks: bool = False  # a symlink pointing outside `path` is rejected (path_outside_source) unless set
+    # record_id: the path under `path` (false) or its keyed hash (true); default true without a label table,
+    # since hospital exports often name files by medical record number.
+    pseudonymise_record_ids: bool | None = None
+    # Labels a reader finds in the record itself (PhysioNet-Challenge `#Dx:` SNOMED CT codes in WFDB headers)
+    # join the label table's; default: used when the source has no label table.
+    header_labels: bool | None = None
     storage_options: dict = Field(default_factory=dict)  # fsspec options, e.g. client_kwargs.endpoint_url
     # Delimited text (format: csv) only: a CSV holds no lead names, rate or units of its own.
     columns: list[str] | None = None  # column names in file order (overrides a header row); "" skips a column
@@ -175,6 +214,39 @@ class SourceConfig(Schema):
         return join_uri(self.path, relative)
 
 
+class CatalogConfig(Schema):
+    """Where the dataset's two Iceberg tables (`windows`, `manifest`) are registered.
+
+    Left out, ingest uses the embedded default: pyiceberg's SQL catalog on SQLite at OUTPUT/catalog.db with
+    its warehouse at OUTPUT/warehouse (a local OUTPUT only: nothing to start). On a cluster: a REST or Glue
+    catalog (or SQL on PostgreSQL) and an s3:// warehouse. Secrets (tokens, keys) belong in pyiceberg's
+    environment variables (PYICEBERG_CATALOG__CREMA__...) or .pyiceberg.yaml, never here: this block is
+    written beside the dataset (OUTPUT/catalog.json) so that readers find the catalog from the dataset URI.
+    """
+
+    type: Literal["sql", "rest", "glue"] = "sql"
+    uri: str | None = None  # sqlite:///..., postgresql+psycopg://..., https://rest-catalog...; glue: none
+    warehouse: str | None = None  # default: OUTPUT/warehouse
+    namespace: str = Field("crema", pattern=r"^[A-Za-z0-9_]+$")
+    properties: dict[str, str] = Field(default_factory=dict)  # any other pyiceberg catalog property
+
+    @model_validator(mode="after")
+    def _complete(self) -> "CatalogConfig":
+        if self.type in ("sql", "rest") and not self.uri:
+            raise ValueError(f"a {self.type} catalog needs `uri`")
+        return self
+
+
+def _check_defaulted_path(source: "SourceConfig", defaults: list[tuple[str, str]], origin) -> None:
+    """A source path built from a variable's default that does not exist: name the variable to set."""
+    if "://" in source.path or Path(source.path).exists():
+        return
+    for var, default in defaults:
+        if default and default in source.path:
+            raise ConfigError(f"{origin}: source {source.name}'s path {source.path} does not exist: environment "
+                              f"variable {var} is not set, so its default {default} was used; set {var}")
+
+
 class IngestConfig(Schema):
     """How every source is normalised and windowed: one dataset has one rate and window length."""
 
@@ -195,6 +267,7 @@ class IngestConfig(Schema):
     records_per_task: int = Field(256, ge=1)  # one Ray task; larger amortises scheduling, smaller spreads small corpora
     row_group_bytes: int = Field(32 * 2**20, ge=2**16)
     storage_options: dict = Field(default_factory=dict)  # fsspec options for the output URI
+    catalog: CatalogConfig | None = None  # None: the embedded SQLite catalog inside a local OUTPUT
 
     @property
     def window_samples(self) -> int:
@@ -223,6 +296,31 @@ MODEL_PRESETS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
+class InputConditioning(Schema):
+    """How windows are conditioned on their way into the model; the dataset itself stays raw.
+
+    Part of the model's config, so it is logged with the pretraining params and stored in the encoder
+    artifact: embedding and fine-tuning condition inputs exactly as pretraining did. Defaults: baseline
+    wander and high-frequency noise removed, each lead standardised, outliers clipped; with them a tiny
+    model learns to reconstruct within a few hundred CPU steps (tests/model/test_reconstruction.py).
+    `python -m benchmarks.quality --input scale=fixed ...` compares recipes by downstream AUROC.
+    """
+
+    highpass_hz: float | None = Field(0.5, gt=0)  # baseline wander; None: no high-pass
+    lowpass_hz: float | None = Field(40.0, gt=0)  # muscle and mains noise; skipped at or above Nyquist
+    notch_hz: float | None = Field(None, gt=0)  # e.g. 50 or 60 where mains hum survives the low-pass
+    scale: Literal["lead", "record", "fixed"] = "lead"  # standardise per lead, per window, or divide by fixed_mv
+    fixed_mv: float = Field(1.0, gt=0)  # the divisor of scale: fixed
+    std_floor_mv: float = Field(0.01, gt=0)  # a near-flat lead is not blown up into unit-variance noise
+    clip: float | None = Field(8.0, gt=0)  # clip conditioned values to +/- this (pacing spikes, electrode pops)
+
+    @model_validator(mode="after")
+    def _band(self) -> "InputConditioning":
+        if self.highpass_hz and self.lowpass_hz and self.highpass_hz >= self.lowpass_hz:
+            raise ValueError(f"highpass_hz={self.highpass_hz} must be below lowpass_hz={self.lowpass_hz}")
+        return self
+
+
 class ModelConfig(Schema):
     """The CREMA encoder/decoder architecture and the CR-MAE objective.
 
@@ -246,13 +344,15 @@ class ModelConfig(Schema):
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     mask_mode: Literal["independent", "time"] = "independent"
     norm_target: bool = True  # reconstruct per-patch standardised targets (MAE's norm_pix_loss)
+    time_bias: bool = True  # attention penalised by time distance (ALiBi); see crema.model.network
+    input: InputConditioning = Field(default_factory=InputConditioning)
     contrastive_weight: float = Field(0.1, ge=0)  # lambda; 0 is the plain MAE
     temperature: float = Field(0.1, gt=0)  # tau of the NT-Xent loss
     projection_dim: int = Field(128, gt=0)
     positives: Literal["window", "record"] = "window"  # record: other windows of the same record too
     augment: bool = True  # amplitude scaling and gaussian noise on the second contrastive view
     augment_scale: float = Field(0.2, ge=0, lt=1)  # amplitude factor drawn from 1 +/- this
-    augment_noise_mv: float = Field(0.02, ge=0)  # std of the added gaussian noise, mV
+    augment_noise: float = Field(0.05, ge=0)  # std of the added gaussian noise, in conditioned-input units
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -285,7 +385,7 @@ class ModelConfig(Schema):
 # ---------------------------------------------------------------------------------------- pretrain
 
 class PretrainData(Schema):
-    dataset: str  # an ingest OUTPUT (folder or s3://), holding windows/source=*/split=*/
+    dataset: str  # an ingest OUTPUT (folder or s3://), its Iceberg tables found through its catalog
     batch_size: int = Field(64, ge=1)  # per worker and micro-batch; the global batch is × workers × accum_steps
     shuffle_buffer: int = Field(2048, ge=0)  # rows in each worker's local shuffle buffer; 0: no shuffling
     prefetch_batches: int = Field(2, ge=0)
@@ -331,7 +431,8 @@ class ChaosSettings(Schema):
 class PretrainConfig(Schema):
     """One CR-MAE pretraining job. `name` is both the Ray run and the MLflow run: same name, same run."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    # A folder name under storage_path and the MLflow run name: letters, digits, "_", "-", "." (never "..").
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
     storage_path: str  # checkpoints and the encoder artifact: a local folder or s3://bucket/prefix
     storage_options: dict = Field(default_factory=dict)  # fsspec options for storage_path (e.g. an S3 endpoint)
     epochs: int = Field(1, ge=1)
@@ -345,6 +446,13 @@ class PretrainConfig(Schema):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_not_a_path(cls, name: str) -> str:
+        if ".." in name:
+            raise ValueError(f"run name {name!r} contains '..': it must name one folder, not a path")
+        return name
 
 
 # -------------------------------------------------------------------------------------- downstream
@@ -439,6 +547,7 @@ class TaskConfig(Schema):
     fraction_seed: int = 0
     seed: int = 0
     n_boot: int = Field(1000, ge=1)  # patient bootstrap resamples for the test CIs
+    converged_probe: bool = True  # also probe with L-BFGS to convergence (method probe_lbfgs), C chosen on val
     encoders: list[EncoderSpec] = Field(min_length=1)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     probe: SweepConfig = Field(default_factory=lambda: SweepConfig(

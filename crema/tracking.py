@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -25,9 +26,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import numpy as np
 import pandas as pd
+import requests
 import torch
 import yaml
 from fsspec.core import url_to_fs
@@ -37,8 +41,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from crema.config import EncoderSpec
-from crema.data.schema import windows_uri
+from crema.config import ConfigError, EncoderSpec
+from crema.data.catalog import dataset_sources, dataset_version
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ names
 # Tags
@@ -49,6 +55,7 @@ TAG_ENCODER_PATH = "encoder_path"  # on a pretraining run: the encoder artifact 
 TAG_ENCODER_ARTIFACT = "encoder_artifact"  # on a downstream run: the artifact it evaluated
 TAG_ENCODER_RUN_ID = "encoder_run_id"  # on a downstream run: the pretraining run of its encoder
 TAG_TASK = "task"
+TAG_DATASET_VERSION = "dataset_version"  # the Iceberg snapshot id of the dataset's windows table
 TAG_METHOD = "method"
 TAG_ENCODER = "encoder"
 TAG_ENCODER_INIT = "encoder_init"
@@ -65,13 +72,74 @@ METRIC_BEST_VAL_AUROC = "best_val_macro_auroc"
 METRIC_EPOCH = "epoch"
 METRIC_RESUMED_FROM_STEP = "resumed_from_step"
 TEST_METRIC_PREFIX = "test_"
-# What identifies a sweep in the comparison table: the latest finished sweep of each is reported.
-SWEEP_GROUP = [TAG_TASK, TAG_TRAIN_SOURCES, TAG_TEST_SOURCES, TAG_LABEL_FRACTION, TAG_METHOD, TAG_ENCODER]
+# What identifies a sweep in the comparison table: the latest finished sweep of each is reported. The
+# pretraining run of the encoder is part of it: two runs' encoders under one name are two rows.
+SWEEP_GROUP = [TAG_TASK, TAG_TRAIN_SOURCES, TAG_TEST_SOURCES, TAG_LABEL_FRACTION, TAG_METHOD, TAG_ENCODER,
+               TAG_ENCODER_RUN_ID]
+PRETRAIN_RUN = "pretrain_run"  # sweep_runs' column: the name of the encoder's pretraining run ("" for none)
 SWEEP_FILTER = f"tags.`{TAG_KIND}` = '{KIND_SWEEP}' and attributes.status = 'FINISHED'"
 
 
+class TrackingUnavailable(ConfigError):
+    """The tracking server does not answer: the job stops at once rather than after MLflow's retries."""
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a password (``https://user:***@host``), for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail within `timeout_s` if an http(s) tracking server does not answer; any HTTP reply (even 401) will do.
+
+    Without this, MLflow's client retries a dead server for minutes before the job fails.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=(timeout_s, timeout_s), allow_redirects=False)
+    except requests.RequestException as err:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {redact_uri(tracking_uri)} is not reachable "
+            f"({type(err).__name__} within {timeout_s:g} s); check tracking.tracking_uri / MLFLOW_TRACKING_URI "
+            "and that the server is up") from None
+
+
+CREDENTIALS_FILE_ENV = "CREMA_MLFLOW_CREDENTIALS_FILE"
+
+
+def apply_credentials_file() -> None:
+    """MLflow credentials from the file $CREMA_MLFLOW_CREDENTIALS_FILE names (MLflow's own
+    ``~/.mlflow/credentials`` format: ``[mlflow]`` with ``mlflow_tracking_username`` / ``_password``) into
+    this process's environment, unless already set: jobs carry the file's path, never the password."""
+    import configparser
+
+    path = os.environ.get(CREDENTIALS_FILE_ENV)
+    if not path:
+        return
+    parser = configparser.ConfigParser()
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as err:
+        raise ConfigError(f"{CREDENTIALS_FILE_ENV}={path}: cannot read the MLflow credentials file ({err})") from None
+    section = parser["mlflow"] if parser.has_section("mlflow") else {}
+    for key in ("mlflow_tracking_username", "mlflow_tracking_password"):
+        if section.get(key) and not os.environ.get(key.upper()):
+            os.environ[key.upper()] = section[key]
+
+
 def resolve_tracking_uri(configured: str | None, default_dir: str | Path = ".") -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in `default_dir`."""
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in `default_dir`.
+
+    Also loads the credentials file, if one is named (:func:`apply_credentials_file`).
+    """
+    apply_credentials_file()
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -137,6 +205,7 @@ def ensure_experiment(experiment: str, tracking_uri: str) -> str:
 
 def start_or_resume_run(run_name: str, experiment: str, tracking_uri: str) -> tuple[mlflow.ActiveRun, bool]:
     """Make the run called `run_name` the active one, creating it if new. Returns (run, resumed)."""
+    apply_credentials_file()  # in a Ray worker: its own process, its own environment
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment_id=ensure_experiment(experiment, tracking_uri))
     existing = find_run(run_name, experiment, tracking_uri)
@@ -166,21 +235,49 @@ def git_commit(repo_dir: str | Path | None = None) -> str | None:
 
 
 def dataset_tags(dataset: str, storage_options: dict | None = None) -> dict[str, str]:
-    """Identify the training data: sha256 of its manifest (when there is one) and its sources."""
-    fs, root = url_to_fs(dataset, **(storage_options or {}))
-    root = root.rstrip("/")
+    """Identify the training data: its URI, its version (the Iceberg snapshot id of its `windows` table,
+    :func:`crema.data.catalog.dataset_version`: the exact rows read) and its sources."""
     tags: dict[str, str] = {"dataset": dataset}
-    manifest = f"{root}/manifest.parquet"
-    if fs.exists(manifest):
-        digest = hashlib.sha256()
-        with fs.open(manifest, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        tags["dataset_manifest_sha256"] = digest.hexdigest()
-    _, windows_root = url_to_fs(windows_uri(dataset), **(storage_options or {}))
-    partitions = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(windows_root, detail=False)]
-    tags["dataset_sources"] = ",".join(sorted(p.split("=", 1)[1] for p in partitions if p.startswith("source=")))
+    version = dataset_version(dataset, storage_options)
+    if version:
+        tags[TAG_DATASET_VERSION] = version
+    tags["dataset_sources"] = ",".join(dataset_sources(dataset, storage_options))
     return tags
+
+
+def log_dataset_input(tags: Mapping[str, str], rows: Mapping[str, int], context: str = "training") -> None:
+    """Dataset lineage on the active run (``mlflow.log_input``): the dataset's URI as its source, the
+    manifest's sha256 as its digest, its sources and the rows per split, from :func:`dataset_tags`."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = tags["dataset"]
+    manifest = tags.get("dataset_manifest_sha256")
+    digest = manifest or hashlib.sha256(json.dumps([uri, tags.get(TAG_DATASET_VERSION), tags.get("dataset_sources"),
+                                                    dict(rows)],
+                                                   sort_keys=True).encode()).hexdigest()
+    dataset = MetaDataset(resolve_dataset_source(uri), name=uri.rstrip("/").rsplit("/", 1)[-1] or uri,
+                          digest=digest[:32])  # MLflow stores at most 36 characters
+    input_tags = {"sources": tags.get("dataset_sources", ""), **{f"rows_{k}": str(v) for k, v in rows.items()}}
+    if manifest:
+        input_tags["manifest_sha256"] = manifest
+    mlflow.log_input(dataset, context=context, tags=input_tags)
+
+
+def check_run_params(run_name: str, experiment: str, tracking_uri: str, params: Mapping[str, str],
+                     allow_changes: bool) -> None:
+    """A run name already used with other settings is an error, unless the caller resumes on purpose
+    (the run then keeps its original record of the changed settings: MLflow params are write-once)."""
+    existing = find_run(run_name, experiment, tracking_uri)
+    if existing is None:
+        return
+    known = existing.data.params
+    changed = {k: (known[k], v) for k, v in params.items() if k in known and known[k] != v}
+    if changed and not allow_changes:
+        listed = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
+        raise ConfigError(f"run name {run_name!r} already exists in experiment {experiment!r} (MLflow run "
+                          f"{existing.info.run_id}) with other settings: {listed}. Choose a new name, or pass "
+                          "--resume to continue that run with the changed settings")
 
 
 def log_figure(fig: Figure, artifact_file: str) -> None:
@@ -220,23 +317,101 @@ def _log_pytorch_model(model: nn.Module, name: str, **kwargs):
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], **kwargs)
 
 
+# The encoder as an MLflow pyfunc model, "models from code": this file (not a pickle) is the model's code;
+# the weights are the safetensors artifact, loaded without unpickling anything.
+ENCODER_PYFUNC_CODE = '''"""CREMA encoder as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12) bool},
+params={"fs": 500}) returns the (n, D) float32 embeddings (mean of the present leads' SEP tokens). The raw mV
+windows are conditioned (filters, scaling) as the encoder's pretraining did, from the config in the artifact."""
+
+import mlflow
+import numpy as np
+
+
+class CremaEncoder(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from crema.train.artifacts import load_encoder
+
+        self.encoder = load_encoder(context.artifacts["encoder"])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if hasattr(model_input, "columns"):  # a DataFrame of one row per window
+            model_input = {k: np.stack(model_input[k].to_numpy()) for k in ("x", "lead_mask")}
+        params = params or {}
+        x = np.asarray(model_input["x"], dtype=np.float32)
+        mask = np.asarray(model_input["lead_mask"], dtype=bool)
+        conditioning = getattr(self.encoder.cfg, "input", None)
+        if conditioning is not None:
+            from crema.data.conditioning import condition
+
+            x = condition(x, mask, float(params.get("fs", 500.0)), conditioning)
+        x, lead_mask = torch.as_tensor(x), torch.as_tensor(mask)
+        batch = int(params.get("batch_size", 256))
+        out = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch):
+                out.append(self.encoder.embed(x[start:start + batch], lead_mask[start:start + batch]))
+        return torch.cat(out).float().numpy() if out else np.zeros((0, self.encoder.embed_dim), np.float32)
+
+
+mlflow.models.set_model(CremaEncoder())
+'''
+
+
+def _requirements() -> list[str]:
+    """What serving the encoder needs: this project (reads the artifact, builds the encoder) and torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        crema_version = version("crema")
+    except PackageNotFoundError:
+        import crema
+
+        crema_version = crema.__version__
+    return [f"crema=={crema_version}", f"torch>={torch.__version__.split('+')[0]}"]
+
+
+def log_encoder_model(encoder_file: str | Path, window_samples: int, embed_dim: int, name: str = "encoder"):
+    """Log the encoder (a safetensors file of :func:`crema.train.artifacts.save_encoder`) to the active run
+    as a pyfunc model with a signature: inputs ``x`` (n, 12, window_samples) float32 raw mV and ``lead_mask``
+    (n, 12) bool, params ``fs`` (the windows' rate, for conditioning) and ``batch_size``, output the
+    (n, embed_dim) float32 embeddings."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 12, window_samples), "x"),
+                       TensorSpec(np.dtype(np.bool_), (-1, 12), "lead_mask")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), "embedding")]),
+        params=ParamSchema([ParamSpec("fs", "double", 500.0), ParamSpec("batch_size", "long", 256)]))
+    with tempfile.TemporaryDirectory() as folder:
+        code = Path(folder) / "crema_encoder_model.py"
+        code.write_text(ENCODER_PYFUNC_CODE)
+        return mlflow.pyfunc.log_model(name=name, python_model=str(code), artifacts={"encoder": str(encoder_file)},
+                                       signature=signature, pip_requirements=_requirements())
+
+
 # ------------------------------------------------------------------------------- pretraining
 
 def open_training_run(run_name: str, experiment: str, tracking_uri: str, public_config: dict,
-                      tags: Mapping[str, str], resumed_from_step: int | None) -> None:
-    """Start (or resume) a pretraining run: its params, tags and, once, its config as an artifact."""
+                      tags: Mapping[str, str], resumed_from_step: int | None,
+                      dataset_rows: Mapping[str, int] | None = None) -> None:
+    """Start (or resume) a pretraining run: its params, tags, dataset input and, once, its config as an artifact."""
     _, resumed = start_or_resume_run(run_name, experiment, tracking_uri)
     log_new_params(flatten_params(public_config))
     mlflow.set_tags(dict(tags))
+    if dataset_rows is not None and "dataset" in tags:
+        log_dataset_input(tags, dataset_rows)
     if not resumed:
         mlflow.log_text(yaml.safe_dump(public_config, sort_keys=False), "config.yaml")
     if resumed_from_step is not None:
         mlflow.log_metric(METRIC_RESUMED_FROM_STEP, resumed_from_step, step=resumed_from_step)
 
 
-def close_training_run(encoder: nn.Module, encoder_path: str) -> None:
-    """Log the encoder as the model "encoder", tag where its artifact is (lineage), end the run."""
-    _log_pytorch_model(encoder, "encoder")
+def close_training_run(encoder_file: str | Path, encoder_path: str, window_samples: int, embed_dim: int) -> None:
+    """Log the encoder as the pyfunc model "encoder", tag where its artifact is (lineage), end the run."""
+    log_encoder_model(encoder_file, window_samples, embed_dim)
     mlflow.set_tag(TAG_ENCODER_PATH, encoder_path)
     mlflow.flush_async_logging()
     mlflow.end_run()
@@ -295,6 +470,7 @@ def record_best_trial(best_trial_id: str, best_run_id: str | None, best_config: 
 def start_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tags: Mapping[str, str],
                     trial_name: str, trial_id: str, params: Mapping[str, object]) -> None:
     """Inside a trial's process: its own run, nested under the sweep's parent run."""
+    apply_credentials_file()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.start_run(experiment_id=experiment_id, run_name=trial_name, parent_run_id=parent_run_id,
                      tags={**tags, TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial_id})
@@ -372,12 +548,23 @@ def log_classifier(model: nn.Module, params: Mapping[str, object], provenance: M
 
 
 def sweep_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """One row per finished sweep: its SWEEP_GROUP and encoder_init tags, run id, start time, test_* metrics."""
+    """One row per finished sweep: its SWEEP_GROUP and encoder_init tags, the name of its encoder's
+    pretraining run (PRETRAIN_RUN), run id, start time, test_* metrics."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    columns = [*SWEEP_GROUP, TAG_ENCODER_INIT, "run_id", "start_time"]
+    columns = [*SWEEP_GROUP, TAG_ENCODER_INIT, PRETRAIN_RUN, "run_id", "start_time"]
     if exp is None:
         return pd.DataFrame(columns=columns)
+    names: dict[str, str] = {}
+
+    def pretrain_run(run_id: str) -> str:
+        if run_id and run_id not in names:
+            try:
+                names[run_id] = client.get_run(run_id).info.run_name or run_id
+            except MlflowException:  # deleted since: the id still tells the runs apart
+                names[run_id] = run_id
+        return names.get(run_id, "")
+
     rows = []
     page_token = None
     while True:
@@ -386,6 +573,7 @@ def sweep_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
         for run in page:
             tags = run.data.tags
             rows.append({**{k: tags.get(k, "") for k in (*SWEEP_GROUP, TAG_ENCODER_INIT)},
+                         PRETRAIN_RUN: pretrain_run(tags.get(TAG_ENCODER_RUN_ID, "")),
                          "run_id": run.info.run_id, "start_time": run.info.start_time,
                          **{k: v for k, v in run.data.metrics.items() if k.startswith(TEST_METRIC_PREFIX)}})
         page_token = page.token

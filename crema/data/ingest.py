@@ -1,23 +1,27 @@
-"""The per-record ingest steps: plan, fingerprint, decide duplicates, window, write, commit.
+"""The per-record ingest steps: plan, fingerprint, decide changes, window, de-duplicate, write.
 
 The Ray stage (:func:`crema.stages.ingest.ingest`) runs these, in this file's order: it plans every
 source in the driver, maps :func:`fingerprint_batch` and :func:`window_batch` over record batches in Ray
 tasks, and has its Datasink write each task's windows with :func:`write_window_files`. Nothing here
 imports Ray: each step is a function of Arrow tables, testable on its own.
 
-1. **plan** (driver): discover record ids, attach labels, pseudonymous patient keys and splits;
-2. **fingerprint** (tasks): hash each record's signal bytes, so byte-identical copies become
-   ``duplicate`` before any window is written, and an unchanged source can be skipped;
-3. **window** (tasks): read, normalise and window each record, written into a staging folder that is
-   swapped in only after every write task succeeded (:func:`commit`).
+1. **plan** (driver): discover record ids, attach labels, pseudonymous patient keys and splits; a source
+   without records, or with a label table matching none, is a ConfigError before any work;
+2. **fingerprint** (tasks): hash what each record means (header and signal bytes, label row, settings);
+3. **decide** (driver, :func:`plan_changes`): re-ingest exactly the records whose fingerprint changed;
+4. **window** (tasks): read, validate, normalise and window each changed record, written as data files
+   of the Iceberg `windows` table (:func:`write_window_files`) that only the driver's one commit makes
+   visible (:func:`crema.data.catalog.commit_run`);
+5. **de-duplicate** (driver, :func:`mark_duplicates`): among valid records only, on the canonical signal.
 
-The manifest (one row per discovered record: ``ok`` / ``rejected`` / ``duplicate``) is written last
-and is the commit record. Reject reasons are short stable codes; nothing escapes as a crash.
+The manifest (one row per discovered record: ``ok`` / ``rejected`` / ``duplicate``) is committed with
+the windows. Reject reasons are short stable codes; nothing escapes as a crash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import uuid
 from collections import Counter
@@ -26,14 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
-from crema.config import IngestConfig, SourceConfig
+from crema.config import ConfigError, IngestConfig, SourceConfig
+from crema.data.catalog import read_manifest, write_data_files
 from crema.data.labels import LabelIndex, pseudonymise
 from crema.data.readers import Reader, reader_for
-from crema.data.schema import MANIFEST_SCHEMA, file_schema, window_schema
+from crema.data.schema import MANIFEST_SCHEMA, window_schema
 from crema.data.signals import N_LEADS, RecordRejected, to_canonical, windows
 
 WORK_SCHEMA = pa.schema([
@@ -42,12 +44,17 @@ WORK_SCHEMA = pa.schema([
     ("patient_key", pa.string()),
     ("labels", pa.list_(pa.string())),
     ("split", pa.string()),
+    ("path_id", pa.string()),  # the record's path under the source, for its reader; `record_id` is what is stored
 ])
-MANIFEST_SOURCES_KEY = b"crema.sources"
+__all__ = ["read_manifest"]  # re-exported: the committed manifest, read through the catalog
 
 
 class IngestFailed(RuntimeError):
     """The job ran to the end but rejected more records than the config allows."""
+
+    def __init__(self, message: str, summary: "IngestSummary | None" = None):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -61,7 +68,11 @@ class SourceSummary:
     duplicate: int = 0
     windows: int = 0
     skipped_unchanged: bool = False
+    reingested: int | None = None  # records re-read because their fingerprint changed (None: the whole source)
+    normalised: int = 0  # ok records whose amplitudes look normalised (z-scored, 1 mV per lead), not mV
     unmatched_label_rows: int = 0
+    has_label_table: bool = False
+    records_without_labels: int = 0  # by the label table (header labels come on top)
     reasons: Counter = field(default_factory=Counter)
 
 
@@ -88,22 +99,6 @@ class IngestSummary:
 
 # ---------------------------------------------------------------------------------- previous run
 
-def read_manifest(output: str, storage_options: dict) -> pa.Table | None:
-    """The committed manifest of an ingest output, or None before the first commit."""
-    fs, root = url_to_fs(output, **storage_options)
-    path = f"{root.rstrip('/')}/manifest.parquet"
-    if not fs.exists(path):
-        return None
-    return pq.read_table(path, filesystem=fs)
-
-
-def manifest_sources(manifest: pa.Table | None) -> dict[str, str]:
-    """Source name -> config fingerprint, as the manifest recorded them."""
-    if manifest is None or not manifest.schema.metadata:
-        return {}
-    return json.loads(manifest.schema.metadata.get(MANIFEST_SOURCES_KEY, b"{}"))
-
-
 # ------------------------------------------------------------------------------------------ plan
 
 def plan(sources: list[SourceConfig], key: bytes) -> tuple[pa.Table, dict[str, SourceSummary]]:
@@ -111,23 +106,47 @@ def plan(sources: list[SourceConfig], key: bytes) -> tuple[pa.Table, dict[str, S
     plans, summaries = [], {}
     for source in sources:
         table, unmatched = plan_source(source, key)
-        summaries[source.name] = SourceSummary(source.name, discovered=len(table), unmatched_label_rows=unmatched)
+        without = sum(1 for labels in table["labels"].to_pylist() if not labels)
+        summaries[source.name] = SourceSummary(source.name, discovered=len(table), unmatched_label_rows=unmatched,
+                                               has_label_table=source.labels is not None,
+                                               records_without_labels=without)
         plans.append(table)
     return pa.concat_tables(plans), summaries
+
+
+def pseudonymous_record_id(record_id: str, source: str, key: bytes) -> str:
+    """A record id that does not show the file name (hospital exports often name files by medical record
+    number): a keyed hash of the path under the source, stable across runs with the same key."""
+    return "r-" + hmac.new(key, f"record\x1f{source}\x1f{record_id}".encode(), hashlib.sha256).hexdigest()[:24]
 
 
 def plan_source(source: SourceConfig, key: bytes) -> tuple[pa.Table, int]:
     """Every record of the source with its labels, patient key and split; and unmatched label rows."""
     reader = reader_for(source)
+    if source.records is None and not reader.fs.exists(reader.root):
+        raise ConfigError(f"source {source.name}: path {source.path} does not exist")
     record_ids = reader.discover()
+    outside = [r for r in record_ids if r.startswith(("/", "\\")) or "://" in r or ".." in r.replace("\\", "/").split("/")]
+    if outside:
+        raise ConfigError(f"source {source.name}: {len(outside)} entries of {source.records} point outside the "
+                          f"source folder {source.path}: {outside[:5]}")
+    if not record_ids:
+        raise ConfigError(f"source {source.name}: no {source.format} records under {source.path} "
+                          f"(files ending {', '.join(reader.extensions)}{' listed in ' + source.records if source.records else ''})")
     index = LabelIndex(source)
+    if source.labels and index.rows and len(index.unmatched(record_ids)) == len(index.rows):
+        raise ConfigError(f"source {source.name}: the label table {source.labels.table} matches none of its "
+                          f"{len(record_ids)} records (its {source.labels.record_column!r} values look like "
+                          f"{sorted(index.rows)[:3]}, the record ids like {record_ids[:3]})")
     infos = [index.lookup(r) for r in record_ids]
+    hide = source.pseudonymise_record_ids if source.pseudonymise_record_ids is not None else source.labels is None
     table = pa.table({
         "source": [source.name] * len(record_ids),
-        "record_id": record_ids,
+        "record_id": [pseudonymous_record_id(r, source.name, key) for r in record_ids] if hide else record_ids,
         "patient_key": [pseudonymise(i.patient_id, source.name, key) for i in infos],
         "labels": [list(i.labels) for i in infos],
         "split": [i.split for i in infos],
+        "path_id": record_ids,
     }, schema=WORK_SCHEMA)
     return table, len(index.unmatched(record_ids)) if source.labels else 0
 
@@ -148,81 +167,132 @@ def _reader(source: SourceConfig, max_record_seconds: float | None = None) -> Re
     return _READERS[key]
 
 
-def fingerprint_batch(batch: pa.Table, sources: dict[str, SourceConfig]) -> pa.Table:
-    """The batch with content_hash (or a reject reason and detail) of each record appended."""
+def fingerprint_batch(batch: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str]) -> pa.Table:
+    """The batch with each record's fingerprint appended: what it means, not only its samples — the bytes
+    of its header and signal files, its label-table row (labels, patient, split) and the source settings
+    its windows depend on. A record whose fingerprint changed is re-ingested; a record whose files cannot
+    be read gets a reject reason and detail instead."""
     readers = {name: _reader(source) for name, source in sources.items()}  # once per batch, not per record
-    hashes, reasons, details = [], [], []
-    for source, record_id in zip(batch["source"].to_pylist(), batch["record_id"].to_pylist()):
+    prints, reasons, details = [], [], []
+    for source, path_id, patient, labels, split in zip(*(batch[c].to_pylist() for c in
+                                                         ("source", "path_id", "patient_key", "labels", "split"))):
         try:
-            hashes.append(readers[source].fingerprint(record_id))
+            files = readers[source].fingerprint(path_id)
             reasons.append(None)
             details.append(None)
         except RecordRejected as err:
-            hashes.append(None)
+            files = f"rejected:{err.reason}:{err.detail}"
             reasons.append(err.reason)
             details.append(err.detail)
         except Exception as err:  # a reader bug must cost one record, not the job
-            hashes.append(None)
+            files = f"rejected:reader_error:{type(err).__name__}: {err}"
             reasons.append("reader_error")
             details.append(f"{type(err).__name__}: {err}")
-    return batch.append_column("content_hash", pa.array(hashes, pa.string())) \
+        blob = json.dumps([files, patient, sorted(labels or []), split, config_hashes[source]])
+        prints.append(hashlib.sha256(blob.encode()).hexdigest()[:32])
+    return batch.append_column("fingerprint", pa.array(prints, pa.string())) \
         .append_column("reason", pa.array(reasons, pa.string())) \
         .append_column("detail", pa.array(details, pa.string()))
 
 
 # ---------------------------------------------------------------------------------------- decide
 
-def committed_hashes(previous: pa.Table | None, rewritten: list[str]) -> dict[str, str]:
-    """Content hash → record of the ok records of sources kept from earlier runs: already seen."""
-    if previous is None:
-        return {}
-    kept = previous.filter(pc.and_(pc.invert(pc.is_in(previous["source"], pa.array(rewritten, pa.string()))),
-                                   pc.equal(previous["status"], "ok")))
-    return {h: f"{s}/{r}" for s, r, h in zip(*(kept[c].to_pylist() for c in ("source", "record_id", "content_hash")))}
+@dataclass
+class Changes:
+    """What a run does to the dataset: the records to window, which committed rows it replaces."""
+
+    pending: pa.Table  # records to read and window (WORK_SCHEMA + fingerprint)
+    settled: pa.Table  # new manifest rows of records rejected before reading (unreadable files)
+    replace: dict[str, list[str] | None]  # source -> record ids whose rows are replaced (None: all of them)
+    unchanged: set[str]  # sources whose every record kept its fingerprint
+    kept: pa.Table | None  # committed manifest rows that stay (other sources, unchanged records)
 
 
-def mark_duplicates(fingerprinted: pa.Table, known: dict[str, str], drop: bool) -> pa.Table:
-    """First record with a given content hash wins (sources in order, records sorted); later copies are
-    duplicates, or, with `drop` off, kept with their twin named in `detail`."""
-    seen = dict(known)
-    status, reason, detail = [], [], []
-    for source, record_id, content, why, what in zip(*(fingerprinted[c].to_pylist() for c in
-                                                       ("source", "record_id", "content_hash", "reason", "detail"))):
-        if why is not None:
-            status.append("rejected"), reason.append(why), detail.append(what)
-        elif content in seen:
-            status.append("duplicate" if drop else "pending")
-            reason.append("duplicate_content" if drop else None)
-            detail.append(f"same bytes as {seen[content]}")
+def plan_changes(fingerprinted: pa.Table, previous: pa.Table | None, force: set[str] | frozenset = frozenset()) -> Changes:
+    """Compare fingerprints with the committed manifest: re-ingest exactly the records whose fingerprint
+    changed (a header, a label row, a map table, a setting), drop those no longer found, keep the rest.
+    Sources in `force` are re-ingested whole."""
+    names = list(dict.fromkeys(fingerprinted["source"].to_pylist()))
+    before: dict[str, dict[str, str]] = {name: {} for name in names}
+    if previous is not None:
+        mine = previous.filter(pc.is_in(previous["source"], pa.array(names, pa.string())))
+        for source, record_id, fp in zip(*(mine[c].to_pylist() for c in ("source", "record_id", "fingerprint"))):
+            before[source][record_id] = fp
+    replace: dict[str, list[str] | None] = {}
+    unchanged: set[str] = set()
+    changed_keys = set()
+    for name in names:
+        rows = fingerprinted.filter(pc.equal(fingerprinted["source"], name))
+        now = dict(zip(rows["record_id"].to_pylist(), rows["fingerprint"].to_pylist()))
+        old = before[name]
+        if name in force or not old:
+            replace[name] = None
+            changed_keys.update((name, r) for r in now)
+            continue
+        changed = {r for r, fp in now.items() if old.get(r) != fp}
+        removed = set(old) - set(now)
+        if not changed and not removed:
+            unchanged.add(name)
+            continue
+        replace[name] = None if set(old) <= changed | removed else sorted(changed | removed)
+        changed_keys.update((name, r) for r in changed)
+    is_changed = pa.array([(s, r) in changed_keys for s, r in zip(fingerprinted["source"].to_pylist(),
+                                                                   fingerprinted["record_id"].to_pylist())])
+    todo = fingerprinted.filter(is_changed)
+    readable = pc.is_null(todo["reason"])
+    pending = todo.filter(readable).select(WORK_SCHEMA.names + ["fingerprint"])
+    rejected = todo.filter(pc.invert(readable))
+    settled = pa.table({
+        "source": rejected["source"], "record_id": rejected["record_id"],
+        "status": pa.array(["rejected"] * len(rejected), pa.string()), "reason": rejected["reason"],
+        "detail": rejected["detail"], "n_windows": pa.array(np.zeros(len(rejected), np.int32)),
+        "content_hash": pa.nulls(len(rejected), pa.string()), "fingerprint": rejected["fingerprint"],
+        **{f.name: pa.nulls(len(rejected), f.type) for f in MANIFEST_SCHEMA if f.name not in (
+            "source", "record_id", "status", "reason", "detail", "n_windows", "content_hash", "fingerprint")},
+    }, schema=MANIFEST_SCHEMA)
+    kept = None
+    if previous is not None:
+        stays = [not (s in replace and (replace[s] is None or r in set(replace[s])))
+                 for s, r in zip(previous["source"].to_pylist(), previous["record_id"].to_pylist())]
+        kept = previous.filter(pa.array(stays, pa.bool_()))
+    return Changes(pending, settled, replace, unchanged, kept)
+
+
+def mark_duplicates(windowed: pa.Table, kept: pa.Table | None, source_order: list[str], drop: bool) -> tuple[pa.Table, set]:
+    """De-duplicate among *valid* records only, on the canonical signal (after units and resampling): a
+    broken copy is rejected with its reason whatever its name, and can never take a good record's place.
+    Committed records that stay win, then the first in source order and record id; later copies are
+    `duplicate` (or, with `drop` off, kept with their twin named in `detail`). Returns the manifest rows
+    and the (source, record_id) keys whose windows must not be committed."""
+    seen: dict[str, str] = {}
+    if kept is not None:
+        ok = kept.filter(pc.equal(kept["status"], "ok"))
+        for s, r, h in zip(*(ok[c].to_pylist() for c in ("source", "record_id", "content_hash"))):
+            if h:
+                seen.setdefault(h, f"{s}/{r}")
+    rank = {name: i for i, name in enumerate(source_order)}
+    rows = windowed.to_pylist()
+    dropped = set()
+    for row in sorted(rows, key=lambda r: (rank.get(r["source"], len(rank)), r["record_id"])):
+        if row["status"] != "ok" or not row["content_hash"]:
+            continue
+        twin = seen.get(row["content_hash"])
+        if twin is None:
+            seen[row["content_hash"]] = f"{row['source']}/{row['record_id']}"
+        elif drop:
+            row.update(status="duplicate", reason="duplicate_content", detail=f"same signal as {twin}", n_windows=0)
+            dropped.add((row["source"], row["record_id"]))
         else:
-            seen[content] = f"{source}/{record_id}"
-            status.append("pending"), reason.append(None), detail.append(None)
-    return fingerprinted.drop_columns(["reason", "detail"]).append_column("status", pa.array(status, pa.string())) \
-        .append_column("reason", pa.array(reason, pa.string())).append_column("detail", pa.array(detail, pa.string()))
+            row["detail"] = f"same signal as {twin}"
+    return pa.Table.from_pylist(rows, schema=windowed.schema), dropped
 
 
 def config_fingerprint(source: SourceConfig, cfg: IngestConfig) -> str:
     """What the windows of a source depend on, besides its bytes: changing any re-ingests it."""
-    relevant = cfg.model_dump(exclude={"max_reject_fraction", "records_per_task", "storage_options"})
-    blob = json.dumps([source.model_dump(exclude={"storage_options"}), relevant], sort_keys=True, default=str)
+    relevant = cfg.model_dump(exclude={"max_reject_fraction", "records_per_task", "storage_options", "catalog"})
+    blob = json.dumps([source.model_dump(exclude={"storage_options", "max_reject_fraction"}), relevant],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def unchanged_sources(previous: pa.Table | None, previous_sources: dict[str, str], decided: pa.Table,
-                      config_hashes: dict[str, str]) -> set[str]:
-    """Sources whose records, bytes and config equal the committed ones: re-ingesting them is a no-op."""
-    if previous is None:
-        return set()
-    unchanged = set()
-    for name, config_hash in config_hashes.items():
-        if previous_sources.get(name) != config_hash:
-            continue
-        before = previous.filter(pc.equal(previous["source"], name))
-        now = decided.filter(pc.equal(decided["source"], name))
-        if sorted(zip(before["record_id"].to_pylist(), before["content_hash"].to_pylist())) == \
-                sorted(zip(now["record_id"].to_pylist(), now["content_hash"].to_pylist())):
-            unchanged.add(name)
-    return unchanged
 
 
 # ---------------------------------------------------------------------------------------- window
@@ -231,12 +301,15 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
     """Read, normalise and window a batch of records: one row per window, one row per rejected record."""
     length = cfg.window_samples
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    columns: dict[str, list] = {name: [] for name in _staging_schema(cfg).names}
+    columns: dict[str, list] = {name: [] for name in _pass_schema(cfg).names}
     signals: list[np.ndarray] = []
 
-    def add_row(rec: dict, *, status: str, reason=None, detail=None, n_windows=0, window=None, masks=None):
-        for name in ("source", "record_id", "patient_key", "labels", "split", "content_hash"):
+    def add_row(rec: dict, *, status: str, reason=None, detail=None, n_windows=0, window=None, masks=None,
+                content=None, flags=None, stats=None):
+        stats = stats or {}
+        for name in ("source", "record_id", "patient_key", "labels", "split", "fingerprint"):
             columns[name].append(rec[name])
+        columns["content_hash"].append(content)
         columns["status"].append(status)
         columns["reason"].append(reason)
         columns["detail"].append(detail)
@@ -247,6 +320,10 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
         columns["fs"].append(cfg.target_fs if window else None)
         columns["lead_mask"].append(masks[0] if window else None)
         columns["derived_mask"].append(masks[1] if window else None)
+        columns["lead_quality"].append(masks[2] if window else None)
+        columns["flags"].append(flags)
+        for name in ("source_fs", "duration_s", "lead_amplitude_mv", "lead_noise_mv"):
+            columns[name].append(stats.get(name))
         signals.append(window.signal.astype("<" + np.dtype(dtype).str[1:]).reshape(-1) if window
                        else np.zeros(N_LEADS * length, dtype))
 
@@ -254,7 +331,10 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
     for rec in batch.to_pylist():
         source = sources[rec["source"]]
         try:
-            raw = readers[rec["source"]].read(rec["record_id"])
+            raw = readers[rec["source"]].read(rec["path_id"])
+            use_header = source.header_labels if source.header_labels is not None else source.labels is None
+            if use_header and raw.meta.get("labels"):
+                rec["labels"] = sorted(set(rec["labels"] or ()) | set(raw.meta["labels"]))
             canonical = to_canonical(raw, cfg.normalise_options(source))
             cut = windows(canonical, cfg.window_s, cfg.stride_s, cfg.pad_short)
         except RecordRejected as err:
@@ -263,11 +343,15 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
         except Exception as err:  # corrupt input can break a library in ways nobody listed
             add_row(rec, status="rejected", reason="unreadable", detail=f"{type(err).__name__}: {err}")
             continue
-        masks = (canonical.lead_mask.tolist(), canonical.derived_mask.tolist())
+        masks = (canonical.lead_mask.tolist(), canonical.derived_mask.tolist(), list(canonical.lead_quality))
+        content = canonical_hash(canonical)
+        flags = ",".join(canonical.flags) or None
+        stats = record_stats(raw, canonical)
         for w in cut:
-            add_row(rec, status="ok", detail=rec["detail"], n_windows=len(cut), window=w, masks=masks)
+            add_row(rec, status="ok", n_windows=len(cut), window=w, masks=masks, content=content, flags=flags,
+                    stats=stats)
 
-    schema = _staging_schema(cfg)
+    schema = _pass_schema(cfg)
     flat = np.concatenate(signals) if signals else np.zeros(0, dtype)
     arrays = []
     for f in schema:
@@ -280,92 +364,75 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _staging_schema(cfg: IngestConfig) -> pa.Schema:
+def record_stats(raw, canonical) -> dict:
+    """What the per-source data-quality report shows of a valid record: rate, duration, and per lead its
+    amplitude (1st-99th percentile range, mV) and high-frequency noise (std of the sample diff / √2, mV)."""
+    sig = canonical.signal
+    amplitude = np.percentile(sig, 99, axis=1) - np.percentile(sig, 1, axis=1)
+    noise = np.diff(sig, axis=1).std(axis=1) / np.sqrt(2) if sig.shape[1] > 1 else np.zeros(N_LEADS)
+    off = ~np.asarray(canonical.lead_mask, bool)
+    amplitude[off], noise[off] = np.nan, np.nan
+    return {"source_fs": float(raw.fs), "duration_s": sig.shape[1] / canonical.fs,
+            "lead_amplitude_mv": [None if np.isnan(v) else float(v) for v in amplitude],
+            "lead_noise_mv": [None if np.isnan(v) else float(v) for v in noise]}
+
+
+def canonical_hash(canonical) -> str:
+    """Identity of a valid record's signal as stored: the canonical 12 leads (after units, lead mapping and
+    resampling) and their masks. Copies in other files, formats or sources hash alike."""
+    digest = hashlib.sha256(np.ascontiguousarray(canonical.signal, dtype="<f4").tobytes())
+    digest.update(np.asarray(canonical.lead_mask, bool).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _pass_schema(cfg: IngestConfig) -> pa.Schema:
     """Window columns (null for a record with no windows) plus the record's manifest fields."""
     windows_part = [f.with_nullable(True) for f in window_schema(cfg.window_samples, cfg.dtype)]
     return pa.schema(windows_part + [
         pa.field("status", pa.string()), pa.field("reason", pa.string()), pa.field("detail", pa.string()),
-        pa.field("n_windows", pa.int32()), pa.field("content_hash", pa.string()),
+        pa.field("n_windows", pa.int32()), pa.field("content_hash", pa.string()), pa.field("fingerprint", pa.string()),
+        pa.field("flags", pa.string()), pa.field("source_fs", pa.float32()), pa.field("duration_s", pa.float32()),
+        pa.field("lead_amplitude_mv", pa.list_(pa.float32())), pa.field("lead_noise_mv", pa.list_(pa.float32())),
     ])
 
 
-def write_window_files(table: pa.Table, staging: str, cfg: IngestConfig, task_index: int) -> pa.Table:
-    """Write a window-pass table's ok windows as Parquet under `staging`; return its records' manifest rows."""
-    fs, root = url_to_fs(staging, **cfg.storage_options)
-    schema = file_schema(cfg.window_samples, cfg.dtype)
+def write_window_files(table: pa.Table, metadata, io, write_uuid: uuid.UUID, task_index: int) -> tuple[list, pa.Table]:
+    """Write a window-pass table's ok windows as data files of the `windows` table (`metadata`, `io`: the
+    table's, as the driver loaded it), committing nothing. Returns ([(DataFile, its records' (source,
+    record_id) keys)], the records' manifest rows): the driver may still drop a duplicate's windows."""
     ok = table.filter(pc.equal(table["status"], "ok"))
-    row_bytes = N_LEADS * cfg.window_samples * (2 if cfg.dtype == "float16" else 4)
-    rows_per_group = max(1, cfg.row_group_bytes // row_bytes)
-    for source, split in set(zip(ok["source"].to_pylist(), ok["split"].to_pylist())):
+    written = []
+    groups = sorted(set(zip(ok["source"].to_pylist(), ok["split"].to_pylist())))
+    for k, (source, split) in enumerate(groups):
         part = ok.filter(pc.and_(pc.equal(ok["source"], source), pc.equal(ok["split"], split)))
-        part = part.select(schema.names).cast(schema)
-        folder = f"{root}/source={source}/split={split}"
-        fs.makedirs(folder, exist_ok=True)
-        path = f"{folder}/part-{task_index:05d}-{uuid.uuid4().hex[:12]}.parquet"
-        pq.write_table(part, path, filesystem=fs, row_group_size=rows_per_group, compression="zstd")
+        keys = set(zip(part["source"].to_pylist(), part["record_id"].to_pylist()))
+        for data_file in write_data_files(metadata, io, part, write_uuid, task_index * 1000 + k):
+            written.append((data_file, keys))
     # Kleene "or": a rejected record's null window_index must count as true, not as null.
     first_row = pc.or_kleene(pc.is_null(table["window_index"]), pc.equal(table["window_index"], 0))
-    return table.filter(first_row).select(MANIFEST_SCHEMA.names)
+    return written, table.filter(first_row).select(MANIFEST_SCHEMA.names)
 
 
 def account_for_lost(pending: pa.Table, written: pa.Table) -> pa.Table:
     """Every record sent to the window pass must come back in the manifest; one that did not (a worker
     killed and not retried, say) is recorded as rejected rather than silently missing."""
     done = set(zip(written["source"].to_pylist(), written["record_id"].to_pylist()))
-    lost = [row for row in pending.select(["source", "record_id", "content_hash"]).to_pylist()
+    lost = [row for row in pending.select(["source", "record_id", "fingerprint"]).to_pylist()
             if (row["source"], row["record_id"]) not in done]
     if not lost:
         return written
-    rows = [{**row, "status": "rejected", "reason": "not_processed",
+    rows = [{**row, "status": "rejected", "reason": "not_processed", "content_hash": None, "flags": None,
              "detail": "no result came back from the window pass", "n_windows": 0} for row in lost]
     return pa.concat_tables([written, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)])
 
 
-# ---------------------------------------------------------------------------------------- commit
-
-def commit(fs, root: str, staging: str, previous: pa.Table | None, manifest_new: pa.Table,
-           rewritten: list[str], config_hashes: dict[str, str]) -> pa.Table:
-    """Swap the rewritten sources' windows in, then write the manifest (the commit record). Returns it."""
-    for name in rewritten:
-        _swap_in(fs, root, staging, name)
-    kept_rows = MANIFEST_SCHEMA.empty_table() if previous is None else \
-        previous.filter(pc.invert(pc.is_in(previous["source"], pa.array(rewritten, pa.string())))).cast(MANIFEST_SCHEMA)
-    manifest = pa.concat_tables([kept_rows, manifest_new]).sort_by([("source", "ascending"), ("record_id", "ascending")])
-    _write_manifest(fs, root, manifest, {**manifest_sources(previous), **config_hashes})
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-    return manifest
-
-
-def _swap_in(fs, root: str, staging: str, source: str) -> None:
-    """Replace one source's windows by its freshly staged ones; other sources are not touched."""
-    live = f"{root}/windows/source={source}"
-    staged = f"{staging}/source={source}"
-    if fs.exists(live):
-        fs.rm(live, recursive=True)
-    if not fs.exists(staged):
-        return
-    if isinstance(fs, LocalFileSystem):
-        fs.mv(staged, live, recursive=True)  # one rename
-    else:  # object stores have no rename: copy each object, then drop the staged ones
-        for path in fs.find(staged):
-            fs.copy(path, live + path[len(staged):])
-        fs.rm(staged, recursive=True)
-
-
-def _write_manifest(fs, root: str, table: pa.Table, sources: dict[str, str]) -> None:
-    """Write the manifest beside the windows, atomically (a temporary file moved into place)."""
-    table = table.replace_schema_metadata({MANIFEST_SOURCES_KEY: json.dumps(sources, sort_keys=True).encode()})
-    tmp = f"{root}/_manifest-{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.mv(tmp, f"{root}/manifest.parquet")
-
-
 def summarise(output: str, summaries: dict[str, SourceSummary], manifest: pa.Table, unchanged: set[str],
-              seconds: float) -> IngestSummary:
+              seconds: float, replaced: dict | None = None) -> IngestSummary:
     """Count the committed manifest's rows of this run's sources into their summaries."""
     for name in unchanged:
         summaries[name].skipped_unchanged = True
+    for name, records in (replaced or {}).items():
+        summaries[name].reingested = None if records is None else len(records)
     names = list(summaries)
     for row in manifest.filter(pc.is_in(manifest["source"], pa.array(names, pa.string()))).to_pylist():
         counts = summaries[row["source"]]
@@ -373,4 +440,6 @@ def summarise(output: str, summaries: dict[str, SourceSummary], manifest: pa.Tab
         counts.windows += row["n_windows"]
         if row["status"] == "rejected":
             counts.reasons[row["reason"]] += 1
+        if "normalised_amplitude" in (row.get("flags") or ""):
+            counts.normalised += 1
     return IngestSummary(output, list(summaries.values()), seconds)

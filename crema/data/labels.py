@@ -20,6 +20,9 @@ import pandas as pd
 from crema.config import ConfigError, HashSplit, LabelMap, SourceConfig
 
 PSEUDONYM_KEY_ENV = "CREMA_PSEUDONYM_KEY"
+# Preferred on clusters: a file holding the key (a mounted Secret, a 0600 file on the nodes), so that the
+# key never travels in a job's metadata (`ray job list` shows a runtime_env's env_vars in clear).
+PSEUDONYM_KEY_FILE_ENV = "CREMA_PSEUDONYM_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,25 @@ def pseudonymise(patient_id: str, source: str, key: bytes) -> str:
 
 
 def pseudonym_key() -> bytes:
-    """The HMAC key for patient pseudonyms, from $CREMA_PSEUDONYM_KEY (an error when unset)."""
+    """The HMAC key for patient pseudonyms: the contents of the file $CREMA_PSEUDONYM_KEY_FILE names
+    (surrounding whitespace stripped), else $CREMA_PSEUDONYM_KEY; an error when neither is set."""
+    path = os.environ.get(PSEUDONYM_KEY_FILE_ENV)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                key = f.read().strip()
+        except OSError as err:
+            raise ConfigError(f"{PSEUDONYM_KEY_FILE_ENV}={path}: cannot read the pseudonym key file "
+                              f"({err.strerror})") from None
+        if not key:
+            raise ConfigError(f"{PSEUDONYM_KEY_FILE_ENV}={path}: the pseudonym key file is empty")
+        return key
     key = os.environ.get(PSEUDONYM_KEY_ENV)
     if not key:
         raise ConfigError(
-            f"{PSEUDONYM_KEY_ENV} is not set: patient ids are pseudonymised with a keyed hash and the key "
-            "must come from the environment (keep it secret and the same across runs to keep keys stable)"
+            f"{PSEUDONYM_KEY_FILE_ENV} (a file holding the key) or {PSEUDONYM_KEY_ENV} is not set: patient ids "
+            "are pseudonymised with a keyed hash and the key must come from the environment (keep it secret "
+            "and the same across runs to keep keys stable)"
         )
     return key.encode()
 
@@ -69,11 +85,29 @@ def _read_csv(uri: str, storage_options: dict) -> pd.DataFrame:
         raise ConfigError(f"cannot read label table {uri}: {err}") from err
 
 
-def _parse_codes(value: str, fmt: str) -> dict[str, float | None]:
+# The PhysioNet/CinC Challenge 2020-2021 scored classes: SNOMED CT code (as in `#Dx:` header lines) -> abbreviation.
+CHALLENGE_SNOMED: dict[str, str] = {
+    "164889003": "AF", "164890007": "AFL", "6374002": "BBB", "426627000": "Brady", "733534002": "CLBBB",
+    "164909002": "LBBB", "713427006": "CRBBB", "59118001": "RBBB", "270492004": "IAVB", "713426002": "IRBBB",
+    "39732003": "LAD", "445118002": "LAnFB", "251146004": "LQRSV", "698252002": "NSIVCB", "426783006": "NSR",
+    "284470004": "PAC", "63593006": "SVPB", "10370003": "PR", "365413008": "PRWP", "427172004": "PVC",
+    "17338001": "VPB", "164947007": "LPR", "111975006": "LQT", "164917005": "QAb", "47665007": "RAD",
+    "427393009": "SA", "426177001": "SB", "427084000": "STach", "164934002": "TAb", "59931005": "TInv",
+}
+
+
+def label_name(code: str) -> str:
+    """A label code's readable name where one is known (Challenge SNOMED CT codes), else the code."""
+    return CHALLENGE_SNOMED.get(code, code)
+
+
+def _parse_codes(value: str, fmt: str, separator: str | None = None) -> dict[str, float | None]:
     """One label cell as {code: likelihood or None}, in the table's label format."""
     value = value.strip()
     if not value:
         return {}
+    if fmt == "list" and separator:
+        return {code.strip(): None for code in value.split(separator) if code.strip()}
     if fmt == "dict":
         try:
             parsed = ast.literal_eval(value)
@@ -107,7 +141,9 @@ class LabelIndex:
         if spec is None:
             return
         table = _read_csv(source.resolve(spec.table), source.storage_options)
-        needed = [c for c in (spec.record_column, spec.label_column, spec.patient_column, spec.split_column) if c]
+        label_columns = [spec.label_column] if isinstance(spec.label_column, str) else list(spec.label_column or [])
+        needed = list(dict.fromkeys(c for c in (spec.record_column, *label_columns, spec.patient_column,
+                                                 spec.split_column) if c))
         missing = [c for c in needed if c not in table.columns]
         if missing:
             raise ConfigError(f"label table {spec.table}: missing columns {missing}")
@@ -115,7 +151,9 @@ class LabelIndex:
         split_of = {str(v): name for name, values in spec.split_values.items() for v in values}
         for row in table[needed].itertuples(index=False):
             fields = dict(zip(needed, row))
-            codes = _parse_codes(fields.get(spec.label_column, ""), spec.label_format) if spec.label_column else {}
+            codes = {}
+            for column in label_columns:
+                codes.update(_parse_codes(fields.get(column, ""), spec.label_format, spec.label_separator))
             if maps:
                 labels = {mapping[c] for mapping, min_lik in maps for c, lik in codes.items()
                           if c in mapping and (min_lik is None or lik is None or lik >= min_lik)}

@@ -1,22 +1,16 @@
-"""The canonical windows dataset: its Parquet schema, its layout, and how to read it back.
+"""The canonical windows dataset: its columns, and how to read it back.
 
-Layout of an ingest output ``OUTPUT`` (local path or ``s3://``)::
-
-    OUTPUT/windows/source=<name>/split=<train|val|test>/<file>.parquet   one row per window
-    OUTPUT/manifest.parquet                                              one row per input record
-    OUTPUT/_staging/...                                                  in-flight writes, never read
-
-The manifest is written last and is the commit record: a source is part of the dataset once its
-rows are in the manifest. Paths beginning with ``_`` or ``.`` are ignored by pyarrow dataset readers,
-so an interrupted run leaves nothing a reader would take for data.
+The dataset is two Apache Iceberg tables, `windows` (one row per window) and `manifest` (one row per
+input record), in one catalog: :mod:`crema.data.catalog` holds the tables, their commits and versions.
+This module holds the Arrow side: the window row's columns and the decoding of the signal column.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
-from fsspec.core import url_to_fs
 
 from crema.data.signals import N_LEADS
 
@@ -49,34 +43,44 @@ def window_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
         pa.field("derived_mask", pa.list_(pa.bool_(), N_LEADS), nullable=False),
         pa.field("labels", pa.list_(pa.string()), nullable=False),
         pa.field("split", pa.string(), nullable=False),
+        # per lead: ok / derived / missing / flat / saturated / duplicate (only ok and derived are in lead_mask)
+        pa.field("lead_quality", pa.list_(pa.string(), N_LEADS), nullable=False),
     ], metadata={"crema.window_samples": str(window_samples), "crema.leads": "I,II,III,aVR,aVL,aVF,V1-V6"})
 
 
-PARTITION_COLUMNS = ("source", "split")
+def with_signal_dtype(schema: pa.Schema, dtype: str, column: str = "signal") -> pa.Schema:
+    """`schema` with the signal column's dtype in its field metadata (what :func:`decode_signals` reads)."""
+    index = schema.get_field_index(column)
+    if index < 0:
+        return schema
+    field = schema.field(index)
+    return schema.set(index, field.with_metadata({**(field.metadata or {}), SIGNAL_DTYPE_KEY: dtype.encode()}))
 
 
-def file_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
-    """The columns stored in each Parquet file: the partition columns live in the folder names (hive)."""
-    schema = window_schema(window_samples, dtype)
-    for name in PARTITION_COLUMNS:
-        schema = schema.remove(schema.get_field_index(name))
-    return schema
+def _contract_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_large_binary(t):
+        return pa.binary()
+    if pa.types.is_large_list(t) or pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_contract_type(t.value_type)))
+    return t
 
 
-# Explicit types: a source named "2024" must stay a string, not be inferred as an integer.
-HIVE_PARTITIONING = ds.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]), flavor="hive")
-
-
-def windows_uri(output: str) -> str:
-    return f"{output.rstrip('/')}/windows"
+def to_contract_types(batch: pa.Table) -> pa.Table:
+    """A batch read through Iceberg (pyiceberg and Ray hand on large_string / large_list) with the
+    dataset's own Arrow types (string, list), field metadata kept: what the rest of crema expects."""
+    schema = pa.schema([f.with_type(_contract_type(f.type)) for f in batch.schema], metadata=batch.schema.metadata)
+    return batch if schema.equals(batch.schema) else batch.cast(schema)
 
 
 def read_windows(output: str, columns: list[str] | None = None, filter=None,
-                 storage_options: dict | None = None) -> pa.Table:
-    """The windows dataset as one table (for tests, notebooks and small data; training streams it with Ray)."""
-    fs, root = url_to_fs(windows_uri(output), **(storage_options or {}))
-    dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning=HIVE_PARTITIONING)
-    return dataset.to_table(columns=columns, filter=filter)
+                 storage_options: dict | None = None, version: str | int | None = None) -> pa.Table:
+    """The windows dataset as one table (for tests, notebooks and small data; training streams it with Ray).
+    See :func:`crema.data.catalog.read_windows`."""
+    from crema.data.catalog import read_windows as read  # the catalog module imports this one
+
+    return read(output, columns=columns, filter=filter, storage_options=storage_options, version=version)
 
 
 MANIFEST_SCHEMA = pa.schema([
@@ -86,17 +90,34 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("reason", pa.string()),
     pa.field("detail", pa.string()),
     pa.field("n_windows", pa.int32(), nullable=False),
-    pa.field("content_hash", pa.string()),
+    pa.field("content_hash", pa.string()),  # the canonical signal's hash (valid records): duplicates
+    pa.field("fingerprint", pa.string()),  # header + signal bytes + label row + settings: changes re-ingest
+    pa.field("flags", pa.string()),  # record-level notes, comma-separated: normalised_amplitude
+    # Data-quality statistics of a valid record (null otherwise), for the per-source report.
+    pa.field("source_fs", pa.float32()),  # the file's sampling rate, Hz
+    pa.field("duration_s", pa.float32()),
+    pa.field("lead_quality", pa.list_(pa.string())),  # per lead: ok / derived / missing / flat / saturated / duplicate
+    pa.field("lead_amplitude_mv", pa.list_(pa.float32())),  # per lead: 1st-99th percentile range
+    pa.field("lead_noise_mv", pa.list_(pa.float32())),  # per lead: high-frequency noise (std of the sample diff / √2)
 ])
+
+
+def signal_dtype_of(field: pa.Field) -> str:
+    """The dtype of a signal column: its `crema.dtype` metadata, or the Iceberg field doc
+    (``crema.dtype=float16; ...``) that pyiceberg and Ray hand on as the Arrow field's `doc` metadata."""
+    metadata = field.metadata or {}
+    if SIGNAL_DTYPE_KEY in metadata:
+        return metadata[SIGNAL_DTYPE_KEY].decode()
+    found = re.search(rb"crema\.dtype=(float16|float32)", metadata.get(b"doc", b""))
+    if found is None:
+        raise ValueError(f"column {field.name!r} carries no {SIGNAL_DTYPE_KEY.decode()} metadata: not a CREMA signal column")
+    return found.group(1).decode()
 
 
 def decode_signals(batch: pa.Table | pa.RecordBatch, column: str = "signal") -> np.ndarray:
     """The signals of a batch as an (n, 12, L) array: a zero-copy view of one-chunk Arrow data."""
     field = batch.schema.field(column)
-    metadata = field.metadata or {}
-    if SIGNAL_DTYPE_KEY not in metadata:
-        raise ValueError(f"column {column!r} carries no {SIGNAL_DTYPE_KEY.decode()} metadata: not a CREMA signal column")
-    dtype = np.dtype(metadata[SIGNAL_DTYPE_KEY].decode()).newbyteorder("<")
+    dtype = np.dtype(signal_dtype_of(field)).newbyteorder("<")
     values = batch.column(column)
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)

@@ -39,6 +39,14 @@ UNIT_TO_MV: dict[str, float] = {
 # Above this absolute amplitude (mV) a lead is physiologically absurd: a surface ECG is a few mV,
 # pacing spikes and saturated amplifiers stay well under 50 mV.
 ABSURD_AMPLITUDE_MV = 50.0
+# Sampling rates outside this range are not a 12-lead ECG (a 1 Hz "record" cut into windows is a broken header).
+MIN_FS, MAX_FS = 50.0, 10_000.0
+# A lead holding one of its two extreme values in this share of its samples or more is clipped (saturated ADC).
+SATURATED_FRACTION = 0.05
+
+# Per-lead quality codes (the `lead_quality` column): only "ok" and "derived" leads are True in `lead_mask`.
+LEAD_OK, LEAD_DERIVED, LEAD_MISSING = "ok", "derived", "missing"
+LEAD_FLAT, LEAD_SATURATED, LEAD_DUPLICATE = "flat", "saturated", "duplicate"
 
 
 class RecordRejected(ValueError):
@@ -70,6 +78,8 @@ class CanonicalRecord:
     fs: int
     lead_mask: np.ndarray  # (12,) bool: True where the lead holds recorded or derived signal
     derived_mask: np.ndarray  # (12,) bool: True where the lead was derived from I and II
+    lead_quality: list[str] = field(default_factory=lambda: [LEAD_OK] * N_LEADS)  # one code per lead
+    flags: list[str] = field(default_factory=list)  # record-level notes, e.g. "normalised_amplitude"
 
 
 def canonical_lead_name(name: str, aliases: dict[str, str] | None = None) -> str | None:
@@ -170,12 +180,20 @@ def to_canonical(raw: RawRecord, opts: NormaliseOptions) -> CanonicalRecord:
     if raw.signal.ndim != 2 or raw.signal.shape[0] != len(raw.channel_names):
         raise RecordRejected("inconsistent_shape",
                              f"signal {raw.signal.shape} vs {len(raw.channel_names)} channel names")
-    if not np.isfinite(raw.fs) or raw.fs <= 0:
-        raise RecordRejected("bad_sampling_rate", f"fs={raw.fs}")
+    if not np.isfinite(raw.fs) or not MIN_FS <= raw.fs <= MAX_FS:
+        raise RecordRejected("bad_sampling_rate", f"fs={raw.fs} Hz, outside {MIN_FS:g}-{MAX_FS:g} Hz")
     sig, present = select_leads(raw, opts.lead_aliases)
     if present.sum() == 0:
         raise RecordRejected("no_standard_leads", f"channels {raw.channel_names} hold none of {LEADS}")
+    quality = lead_quality(sig, present)
+    present &= np.array([q == LEAD_OK for q in quality])
+    if not present.any():
+        if all(q in (LEAD_FLAT, LEAD_MISSING) for q in quality):
+            raise RecordRejected("flat_signal", "every present lead is constant")
+        raise RecordRejected("no_usable_leads", f"lead quality {dict(zip(LEADS, quality))}")
     derived = derive_limb_leads(sig, present)
+    for k in np.flatnonzero(derived):
+        quality[k] = LEAD_DERIVED
     lead_mask = present | derived
     if lead_mask.sum() < opts.min_leads:
         kept = [LEADS[k] for k in np.flatnonzero(lead_mask)]
@@ -195,13 +213,43 @@ def to_canonical(raw: RawRecord, opts: NormaliseOptions) -> CanonicalRecord:
     low, high = present_sig.min(initial=0.0), present_sig.max(initial=0.0)
     if max(-low, high) > ABSURD_AMPLITUDE_MV:
         raise RecordRejected("absurd_amplitude", f"peak |x| = {max(-low, high):.1f} mV > {ABSURD_AMPLITUDE_MV} mV")
-    if (present_sig.max(axis=1) == present_sig.min(axis=1)).all():
-        raise RecordRejected("flat_signal", "every present lead is constant")
+    flags = ["normalised_amplitude"] if looks_normalised(sig[present]) else []
     sig = resample(sig, raw.fs, opts.target_fs)
     if opts.filter_low_hz or opts.filter_high_hz or opts.notch_hz:
         sig = bandpass(sig, opts.target_fs, opts.filter_low_hz, opts.filter_high_hz, opts.notch_hz)
     sig[~lead_mask] = 0.0
-    return CanonicalRecord(raw.record_id, sig.astype(np.float32), opts.target_fs, lead_mask, derived)
+    return CanonicalRecord(raw.record_id, sig.astype(np.float32), opts.target_fs, lead_mask, derived, quality, flags)
+
+
+def lead_quality(sig: np.ndarray, present: np.ndarray) -> list[str]:
+    """A code per canonical lead: missing, flat (constant), saturated (clipped at its extremes), duplicate
+    (the same samples as an earlier lead: a copied channel is not a second lead), or ok."""
+    codes = [LEAD_OK if p else LEAD_MISSING for p in present]
+    for k in np.flatnonzero(present):
+        lead = sig[k]
+        finite = lead[np.isfinite(lead)]
+        if finite.size == 0 or finite.max() == finite.min():
+            codes[k] = LEAD_FLAT
+            continue
+        top, bottom = finite.max(), finite.min()
+        if max((finite == top).mean(), (finite == bottom).mean()) >= SATURATED_FRACTION:
+            codes[k] = LEAD_SATURATED
+            continue
+        for j in range(k):
+            if codes[j] == LEAD_OK and np.array_equal(sig[j], lead, equal_nan=True):
+                codes[k] = LEAD_DUPLICATE
+                break
+    return codes
+
+
+def looks_normalised(sig: np.ndarray) -> bool:
+    """Amplitudes that were normalised, not measured in mV: every lead with std ~1 (z-scored), or every lead
+    exactly 1 mV peak to peak (scaled per lead). A model trained on them learns no amplitude."""
+    if sig.size == 0:
+        return False
+    std = np.nanstd(sig, axis=1)
+    peak = np.nanmax(sig, axis=1) - np.nanmin(sig, axis=1)
+    return bool(np.all(np.abs(std - 1) < 0.05) or np.all(np.abs(peak - 1) < 1e-3))
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,13 @@ def embedding_schema(dim: int) -> pa.Schema:
 @torch.no_grad()
 def embed_windows(encoder: SiTEncoder, windows: pa.Table, *, batch_size: int = 64,
                   device: torch.device | None = None, precision: str = "auto") -> np.ndarray:
-    """(n, D) float32 pooled embeddings of a table holding `signal` and `lead_mask`, in row order."""
+    """(n, D) float32 pooled embeddings of a table holding `signal`, `lead_mask` and `fs`, in row order,
+    the windows conditioned as the encoder's pretraining conditioned them."""
     device = device or next(encoder.parameters()).device
     dtype = autocast_dtype(precision, device)
     encoder.eval()
     out = []
-    for batch in iter_table_batches(windows, batch_size, drop_last=False, record_group=False):
+    for batch in iter_table_batches(windows, batch_size, encoder.cfg.input, drop_last=False, record_group=False):
         x, lead_mask = batch["x"].to(device), batch["lead_mask"].to(device)
         with autocast(device, dtype):
             out.append(encoder.embed(x, lead_mask).float().cpu().numpy())

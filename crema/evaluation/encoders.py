@@ -6,14 +6,12 @@ writes.
 
 from __future__ import annotations
 
-import io
-
 import fsspec
 import torch
 
 from crema.config import EncoderSpec, ModelConfig, TaskConfig
 from crema.model.network import SiTEncoder
-from crema.train.artifacts import load_encoder, save_encoder
+from crema.train import artifacts
 
 
 def _open(path: str, storage_options: dict):
@@ -30,15 +28,14 @@ def encoder_exists(path: str, storage_options: dict) -> bool:
 def artifact_config(path: str, storage_options: dict) -> ModelConfig:
     """The ModelConfig stored in an encoder artifact."""
     with _open(path, storage_options) as f:
-        blob = torch.load(f, map_location="cpu", weights_only=True)
-    return ModelConfig.model_validate(blob["config"])
+        return artifacts.read_encoder_config(f)
 
 
 def build_task_encoder(spec: EncoderSpec, task: TaskConfig) -> SiTEncoder:
     """The spec's encoder in eval mode: its artifact's weights, or a seeded random init (a baseline)."""
     if spec.init == "pretrained":
         with _open(spec.path, task.storage_options) as f:
-            return load_encoder(io.BytesIO(f.read()))
+            return artifacts.encoder_from_bytes(f.read(), what=spec.path)
     if spec.like is not None:
         like = next(e for e in task.encoders if e.name == spec.like)
         cfg = artifact_config(like.path, task.storage_options)
@@ -51,11 +48,9 @@ def build_task_encoder(spec: EncoderSpec, task: TaskConfig) -> SiTEncoder:
 
 def encoder_bytes(encoder: SiTEncoder) -> bytes:
     """The encoder as save_encoder writes it: what Ray actors and Tune trials are handed."""
-    buffer = io.BytesIO()
-    save_encoder(encoder, buffer)
-    return buffer.getvalue()
+    return artifacts.encoder_to_bytes(encoder)
 
 
 def encoder_from_bytes(blob: bytes, device: str | torch.device = "cpu") -> SiTEncoder:
     """The encoder of :func:`encoder_bytes`, on `device`, in eval mode."""
-    return load_encoder(io.BytesIO(blob), map_location=device)
+    return artifacts.encoder_from_bytes(blob, map_location=device)

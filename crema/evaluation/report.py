@@ -2,7 +2,8 @@
 
 A sweep's parent run (tag ``crema.kind=sweep``) carries task, method, encoder and label_fraction tags
 and the test metrics of its best trial (read back by :func:`crema.tracking.sweep_runs`). The latest sweep
-of each (task, label fraction, method, encoder) is the one reported.
+of each (task, sources, label fraction, method, encoder, pretraining run) is the one reported: rows are
+keyed by the encoder's pretraining run, so two runs' encoders of one name are two rows.
 """
 
 from __future__ import annotations
@@ -11,16 +12,47 @@ import math
 
 import pandas as pd
 
-from crema.tracking import SWEEP_GROUP, TAG_ENCODER_INIT
+import json
+
+from crema.tracking import PRETRAIN_RUN, SWEEP_GROUP, TAG_ENCODER_INIT
 
 GROUP = SWEEP_GROUP
+FILTERS = ("task", "method", "encoder", PRETRAIN_RUN)  # what `crema compare` can select on
+FORMATS = ("table", "csv", "json", "markdown")
 
 
-def baseline_name(method: str, encoder: str, encoder_init: str) -> str:
-    """How a row reads: fine-tuning a random init is training from scratch."""
+def baseline_name(method: str, encoder: str, encoder_init: str, pretrain_run: str = "") -> str:
+    """How a row reads: fine-tuning a random init is training from scratch; a pretrained encoder's row
+    names its pretraining run."""
     if method == "finetune" and encoder_init == "random":
         return f"supervised from scratch ({encoder})"
-    return f"{method} · {encoder}"
+    return f"{method} · {encoder}" + (f" · {pretrain_run}" if pretrain_run else "")
+
+
+def filter_runs(runs: pd.DataFrame, **selected: str | None) -> pd.DataFrame:
+    """The sweeps whose FILTERS columns equal the given values (None: any)."""
+    unknown = set(selected) - set(FILTERS)
+    if unknown:
+        raise ValueError(f"cannot filter on {sorted(unknown)}; filters: {list(FILTERS)}")
+    for column, value in selected.items():
+        if value is not None and not runs.empty:
+            runs = runs[runs[column].astype(str) == value]
+    return runs
+
+
+def render(table: pd.DataFrame, fmt: str) -> str:
+    """The table as CSV, JSON (one object per row) or a Markdown table."""
+    if fmt not in FORMATS[1:]:
+        raise ValueError(f"unknown format {fmt!r}; one of {list(FORMATS)}")
+    flat = table.reset_index() if not table.empty else pd.DataFrame()
+    if fmt == "csv":
+        return flat.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(flat.to_dict(orient="records"), ensure_ascii=False, indent=2)
+    header = [str(c) for c in flat.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in flat.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def column_name(task: str, train_sources: str, test_sources: str, label_fraction: str) -> str:
@@ -50,7 +82,8 @@ def compare_table(runs: pd.DataFrame, metric: str = "test_macro_auroc") -> pd.Da
         return pd.DataFrame()
     latest = runs.sort_values("start_time", ascending=False).drop_duplicates(GROUP)
     latest = latest.assign(
-        row=[baseline_name(m, e, i) for m, e, i in zip(latest["method"], latest["encoder"], latest[TAG_ENCODER_INIT])],
+        row=[baseline_name(m, e, i, p) for m, e, i, p in
+             zip(latest["method"], latest["encoder"], latest[TAG_ENCODER_INIT], latest[PRETRAIN_RUN])],
         column=[column_name(*values) for values in
                 zip(latest["task"], latest["train_sources"], latest["test_sources"], latest["label_fraction"])],
         cell=[_cell(r, metric) for _, r in latest.iterrows()],

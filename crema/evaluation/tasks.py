@@ -26,7 +26,7 @@ Role = Literal["train", "val", "test"]
 ROLES: tuple[Role, ...] = ("train", "val", "test")
 # Window columns a downstream stage carries along besides the signal.
 META_COLUMNS = ["source", "record_id", "patient_key", "split", "window_index", "labels"]
-SIGNAL_COLUMNS = ["signal", "lead_mask"]
+SIGNAL_COLUMNS = ["signal", "lead_mask", "fs"]  # fs: input conditioning filters at the window's rate
 
 
 def load_task(path: str | Path, overrides: dict | None = None) -> TaskConfig:

@@ -8,9 +8,13 @@ from contextlib import contextmanager
 
 import ray
 import typer
+from ray.data._internal.datasource.iceberg_datasource import IcebergDatasource
 from rich.console import Console
 
+from crema import logs
 from crema.config import ConfigError
+from crema.data.catalog import WINDOWS, open_dataset
+from crema.data.schema import to_contract_types
 from crema.tracking import dataset_tags, git_commit
 
 console = Console()
@@ -26,22 +30,66 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+class _IcebergWindows(IcebergDatasource):
+    """Ray's Iceberg datasource, picklable once it has planned its read: it keeps the loaded pyiceberg
+    Table, whose SQL catalog (an SQLAlchemy engine) cannot be pickled, and Ray Train pickles the datasets
+    it hands its workers. The table is reloaded from the catalog where it is needed again."""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_table": None}
+
+
+def read_windows_table(dataset_uri: str, storage_options: dict | None, row_filter, columns: list[str],
+                       version: str | None = None) -> ray.data.Dataset:
+    """The dataset's `windows` table (at `version`, default the current one) as a Ray Dataset, read through
+    its catalog: `row_filter` (a pyiceberg expression on `source` / `split`) prunes partitions unopened."""
+    dataset = open_dataset(dataset_uri, storage_options)
+    return ray.data.read_datasource(_IcebergWindows(
+        table_identifier=dataset.identifier(WINDOWS), row_filter=row_filter, selected_fields=tuple(columns),
+        snapshot_id=int(version) if version else None, catalog_kwargs=dataset.ray_catalog_kwargs(),
+    )).map_batches(to_contract_types, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
 def run_tags(dataset: str, storage_options: dict | None) -> dict[str, str]:
     """Tags every training run carries: the dataset's identity, the code's commit and Ray's version."""
     tags = dataset_tags(dataset, storage_options)
-    commit = git_commit()
+    # A job submitted without .git (code from the image, or --working-dir without it): the submit
+    # wrapper passes the commit in CREMA_GIT_COMMIT.
+    commit = git_commit() or os.environ.get(GIT_COMMIT_ENV)
     if commit:
         tags["git_commit"] = commit
+    job_id = ray_job_id()
+    if job_id:
+        tags["ray_job_id"] = job_id
+    submission_id = os.environ.get("RAY_JOB_SUBMISSION_ID")
+    if submission_id:
+        tags["ray_job_submission_id"] = submission_id
     tags["ray_version"] = ray.__version__
     return tags
 
 
+GIT_COMMIT_ENV = "CREMA_GIT_COMMIT"
+
+
+def ray_job_id() -> str | None:
+    """The Ray job this driver is (RAY_JOB_ID, else the runtime context once Ray is initialised)."""
+    if os.environ.get("RAY_JOB_ID"):
+        return os.environ["RAY_JOB_ID"]
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_job_id()
+    return None
+
+
 @contextmanager
 def exit_2_on_config_error() -> Iterator[None]:
-    """A command's invalid configuration: one red line and exit code 2, never a traceback."""
+    """A command's invalid configuration: one red line and exit code 2, never a traceback.
+
+    Every stage's command runs inside it, so it also sets up `logging` (level: $CREMA_LOG_LEVEL).
+    """
+    logs.configure()
     try:
         yield
     except ConfigError as err:
-        console.print(f"[red]invalid configuration:[/red] {err}")
+        console.print(f"[red]invalid configuration:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2)
 

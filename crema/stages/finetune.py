@@ -53,9 +53,12 @@ def build_classifier(encoder_blob: bytes, drop_path: float, num_classes: int,
     return Classifier(with_drop_path(encoder_from_bytes(encoder_blob, device), drop_path), num_classes).to(device)
 
 
-def window_batches(windows: pa.Table, batch_size: int, y: np.ndarray | None = None, *, seed: int | None = None):
-    """{"x", "lead_mask"[, "y"]} batches of a windows table, every row once; shuffled when a seed is given."""
-    return iter_table_batches(windows, batch_size, seed=seed, drop_last=False, labels=y, record_group=False)
+def window_batches(model: Classifier, windows: pa.Table, batch_size: int, y: np.ndarray | None = None, *,
+                   seed: int | None = None):
+    """{"x", "lead_mask"[, "y"]} batches of a windows table, every row once, conditioned as the encoder's
+    pretraining was; shuffled when a seed is given."""
+    return iter_table_batches(windows, batch_size, model.encoder.cfg.input, seed=seed, drop_last=False, labels=y,
+                              record_group=False)
 
 
 def trial_device() -> torch.device:
@@ -80,9 +83,9 @@ def finetune_trial(config: dict, *, context: TrialContext, encoder_blob: bytes, 
         loss_fn = multilabel_loss(y_train)
         for epoch in range(1, sweep.epochs + 1):
             train_loss = train_one_epoch(
-                model, window_batches(train, sweep.batch_size, y_train, seed=seed + epoch), optimizer, scheduler,
+                model, window_batches(model, train, sweep.batch_size, y_train, seed=seed + epoch), optimizer, scheduler,
                 loss_fn, device=device, amp_dtype=dtype, clip_grad=sweep.clip_grad)
-            scores = predict(model, window_batches(val_windows, sweep.batch_size), device=device,
+            scores = predict(model, window_batches(model, val_windows, sweep.batch_size), device=device,
                              amp_dtype=dtype)
             metrics = {"epoch": epoch, "train_loss": train_loss, METRIC: val.macro_auroc(scores)}
             reporter.report(metrics, lambda folder: torch.save(model.state_dict(), os.path.join(folder, STATE_FILE)))
@@ -92,7 +95,7 @@ def score_windows(model: Classifier, batch_size: int, precision: str, *tables: p
     """Class probabilities of every window of each table (run as a Ray task, on a GPU when there is one)."""
     device = trial_device()
     model = model.to(device)
-    return [predict(model, window_batches(t, batch_size), device=device, amp_dtype=autocast_dtype(precision, device))
+    return [predict(model, window_batches(model, t, batch_size), device=device, amp_dtype=autocast_dtype(precision, device))
             for t in tables]
 
 

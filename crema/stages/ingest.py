@@ -1,117 +1,164 @@
 """The ingest stage: `python -m crema.stages.ingest SOURCE.yaml [...] --output URI` (also `crema ingest`).
 
-Hospital records → canonical windows in Parquet, every record accounted for. Three passes over each
-source, all streaming: plan (driver), fingerprint (Ray tasks), window (Ray tasks, written by
-:class:`WindowsDatasink` into a staging folder swapped in only after every write task succeeded). The
-per-record steps are :mod:`crema.data.ingest`; this module runs them on Ray.
+Hospital records → canonical windows in two Apache Iceberg tables (`windows`, `manifest`), every record
+accounted for. Three passes over each source, all streaming: plan (driver, before Ray starts: a source
+with no records is a config error), fingerprint (Ray tasks), window (Ray tasks, whose
+:class:`WindowsDatasink` writes data files of the `windows` table and hands their metadata back). The
+driver then commits them as one Iceberg snapshot (:func:`crema.data.catalog.commit_run`). The per-record
+steps are :mod:`crema.data.ingest`; the tables and commits :mod:`crema.data.catalog`; this module runs
+them on Ray.
+
+Why not ``Dataset.write_iceberg``: Ray 2.60's Iceberg sink does the same thing (tasks write data files
+with pyiceberg, the driver commits once, overwrite-by-filter supported), but it commits inside the sink
+with no way to also hand back each task's manifest rows, names files with a fresh uuid per task (so the
+next run could not tell a killed run's uncommitted files from a concurrent live run's), and retries
+catalog errors only, not a lost commit race. This sink is that mechanism plus those three; nothing is
+collected in the driver but file metadata and manifest rows (the alternative, collecting the tasks'
+Arrow outputs and writing them from the driver as ``table.overwrite`` does, moves every signal byte through
+the driver. Measured on 2 CPUs, 1,999 PTB-XL records100 → 1,997 500 Hz windows, 3 forced re-runs each: this
+sink 3.9-4.0 s and 846 MiB driver peak RSS; collect-and-write 4.3-4.7 s and 1,771 MiB, the driver's memory
+growing with the data; at 500 records the two were within noise, 866 vs 1,064 MiB).
 
 Exit codes: 0 done; 1 more records rejected than `max_reject_fraction` allows (the dataset and its
-manifest are still written, for inspection); 2 invalid configuration.
+manifest are still committed, for inspection); 2 invalid configuration; 3 no space left on the device.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Annotated, Iterable, Optional
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import typer
-from fsspec.core import url_to_fs
+from pyiceberg.expressions import In
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from rich.console import Console
 from rich.table import Table
 
 from crema.config import IngestConfig, SourceConfig, load_yaml, parse_overrides, validate
-from crema.data.ingest import (WORK_SCHEMA, IngestFailed, IngestSummary, account_for_lost, commit, committed_hashes,
-                               config_fingerprint, fingerprint_batch, manifest_sources, mark_duplicates, plan,
-                               read_manifest, summarise, unchanged_sources, window_batch, write_window_files)
+from crema.data.catalog import (Dataset, Run, begin_run, commit_run, committed_manifest, dataset_version, drop_records,
+                                end_run, ensure_tables, is_disk_full, open_for_ingest, read_windows)
+from crema.data.ingest import (IngestFailed, IngestSummary, account_for_lost, config_fingerprint, fingerprint_batch,
+                               mark_duplicates, plan, plan_changes, summarise, window_batch, write_window_files)
 from crema.data.labels import pseudonym_key
+from crema.data.report import write_reports
 from crema.data.schema import MANIFEST_SCHEMA
+from crema.data.signals import N_LEADS
 from crema.stages.common import exit_2_on_config_error, init_ray
 
+EXIT_REJECTS, EXIT_CONFIG, EXIT_DISK_FULL = 1, 2, 3
 console = Console()
 
 
 def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = None,
-           pseudonym: bytes | None = None) -> IngestSummary:
-    """Run the whole stage. Raises IngestFailed (after committing) when rejects exceed the allowed fraction."""
+           pseudonym: bytes | None = None, force: bool = False) -> IngestSummary:
+    """Run the whole stage. Raises IngestFailed (after committing) when a source's rejects exceed its allowed
+    fraction, ConfigError (before Ray starts) for a bad config, a source without records or a dataset of
+    another window length. Re-ingests exactly the records whose fingerprint changed; `force`: every record."""
     cfg = cfg or IngestConfig()
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"source names must be unique, got {names}")
     key = pseudonym if pseudonym is not None else pseudonym_key()
     started = time.perf_counter()
-    fs, root = url_to_fs(output, **cfg.storage_options)
-    root = root.rstrip("/")
-    fs.makedirs(root, exist_ok=True)
-    previous = read_manifest(output, cfg.storage_options)
     by_name = {s.name: s for s in sources}
+    work, summaries = plan(sources, key)  # first: a source without records is a ConfigError, nothing written
+    dataset = open_for_ingest(output, cfg.catalog, cfg.storage_options)
+    row_bytes = N_LEADS * cfg.window_samples * (2 if cfg.dtype == "float16" else 4)
+    ensure_tables(dataset, cfg.window_samples, cfg.dtype, max(1, cfg.row_group_bytes // row_bytes))
 
-    work, summaries = plan(sources, key)
-    decided = mark_duplicates(_fingerprint(work, by_name, cfg), committed_hashes(previous, names),
-                              cfg.drop_duplicates)
-    config_hashes = {s.name: config_fingerprint(s, cfg) for s in sources}
-    unchanged = unchanged_sources(previous, manifest_sources(previous), decided, config_hashes)
-    decided = decided.filter(pc.invert(pc.is_in(decided["source"], pa.array(sorted(unchanged), pa.string()))))
+    init_ray()
+    run = begin_run(dataset)  # after finishing or undoing killed runs
+    try:
+        previous = committed_manifest(dataset)
+        config_hashes = {s.name: config_fingerprint(s, cfg) for s in sources}
+        changes = plan_changes(_fingerprint(work, by_name, config_hashes, cfg), previous,
+                               set(names) if force else set())
+        if changes.replace:
+            written, windowed = _window_pass(changes.pending, by_name, cfg, dataset, run)
+            windowed, dropped = mark_duplicates(windowed, changes.kept, names, cfg.drop_duplicates)
+            windows = dataset.windows()
+            data_files = drop_records(written, dropped, windows.metadata, windows.io, run.id)
+            manifest_new = pa.concat_tables([windowed, changes.settled.cast(windowed.schema)])
+            hashes = pa.array([config_hashes[s] for s in manifest_new["source"].to_pylist()], pa.string())
+            commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
+        manifest = committed_manifest(dataset)
+    finally:
+        end_run(run)
 
-    run_id = uuid.uuid4().hex[:12]
-    manifest_new = _window_pass(decided, by_name, cfg, f"{output.rstrip('/')}/_staging/{run_id}")
-    manifest = commit(fs, root, f"{root}/_staging/{run_id}", previous, manifest_new,
-                      sorted(set(names) - unchanged), config_hashes)
-
-    summary = summarise(output, summaries, manifest, unchanged, time.perf_counter() - started)
-    if summary.discovered and summary.rejected / summary.discovered > cfg.max_reject_fraction:
-        raise IngestFailed(f"{summary.rejected} of {summary.discovered} records rejected "
-                           f"(> max_reject_fraction={cfg.max_reject_fraction}); see {output}/manifest.parquet")
+    if changes.replace:
+        _reports(output, sorted(changes.replace), manifest, cfg)
+    summary = summarise(output, summaries, manifest, changes.unchanged, time.perf_counter() - started, changes.replace)
+    failed = [s for s in summary.sources if s.discovered and s.rejected / s.discovered > _max_rejects(by_name[s.name], cfg)]
+    if failed:
+        raise IngestFailed("; ".join(f"{s.name}: {s.rejected} of {s.discovered} records rejected "
+                                     f"(> max_reject_fraction={_max_rejects(by_name[s.name], cfg)})" for s in failed)
+                           + f"; see the manifest table of {output}", summary)
     return summary
 
 
-def _fingerprint(work: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig) -> pa.Table:
-    """Content hashes (or reject reasons) of every planned record, sorted by source and record id."""
+def _reports(output: str, sources: list[str], manifest: pa.Table, cfg: IngestConfig) -> None:
+    """OUTPUT/reports/<source>.md and .png of the sources this run changed (a report failure is only a warning)."""
+    try:
+        windows = read_windows(output, columns=["source", "window_index", "labels"],
+                               filter=In("source", sources), storage_options=cfg.storage_options)
+        write_reports(output, sources, manifest, windows, dataset_version(output, cfg.storage_options),
+                      cfg.storage_options)
+    except Exception as err:  # the dataset is committed; the report is a view of it
+        console.print(f"[yellow]data-quality report not written:[/yellow] {type(err).__name__}: {err}", soft_wrap=True)
+
+
+def _max_rejects(source: SourceConfig, cfg: IngestConfig) -> float:
+    return cfg.max_reject_fraction if source.max_reject_fraction is None else source.max_reject_fraction
+
+
+def _fingerprint(work: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str],
+                 cfg: IngestConfig) -> pa.Table:
+    """Fingerprints (or reject reasons) of every planned record, sorted by source and record id."""
     if len(work):
         refs = _as_dataset(work, cfg.records_per_task * 4).map_batches(
-            fingerprint_batch, fn_kwargs={"sources": sources}, batch_format="pyarrow", batch_size=None,
+            fingerprint_batch, fn_kwargs={"sources": sources, "config_hashes": config_hashes},
+            batch_format="pyarrow", batch_size=None,
         ).to_arrow_refs()
         work = pa.concat_tables(ray.get(refs))
     return work.sort_by([("source", "ascending"), ("record_id", "ascending")])
 
 
-def _window_pass(decided: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig, staging_uri: str) -> pa.Table:
-    """Window the pending records into `staging_uri`; the manifest rows of every decided record."""
-    pending = decided.filter(pc.equal(decided["status"], "pending")).select(WORK_SCHEMA.names + ["content_hash", "detail"])
-    sink = WindowsDatasink(staging_uri, cfg)
+def _window_pass(pending: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig, dataset: Dataset,
+                 run: Run) -> tuple[list, pa.Table]:
+    """Window the pending records into uncommitted data files; ([(DataFile, its records)], their manifest rows)."""
+    sink = WindowsDatasink(dataset.windows(), run)
     if len(pending):
         _as_dataset(pending, cfg.records_per_task).map_batches(
             window_batch, fn_kwargs={"sources": sources, "cfg": cfg}, batch_format="pyarrow", batch_size=None,
         ).write_datasink(sink)
     written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
         else MANIFEST_SCHEMA.empty_table()
-    written = account_for_lost(pending, written)
-    settled = decided.filter(pc.not_equal(decided["status"], "pending"))
-    settled = settled.append_column("n_windows", pa.array(np.zeros(len(settled), np.int32)))
-    return pa.concat_tables([written, settled.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)])
+    return sink.data_files, account_for_lost(pending, written)
 
 
-class WindowsDatasink(Datasink[pa.Table]):
-    """Writes ok windows as Parquet under a staging folder; returns each task's manifest rows."""
+class WindowsDatasink(Datasink[tuple]):
+    """Writes ok windows as data files of the `windows` table (committing nothing); returns each task's
+    DataFiles and manifest rows to the driver, which commits them all at once."""
 
-    def __init__(self, staging: str, cfg: IngestConfig):
-        self.staging = staging
-        self.cfg = cfg
+    def __init__(self, windows, run: Run):
+        self.metadata = windows.metadata  # the table as the driver loaded it: every task writes against it
+        self.io = windows.io
+        self.write_uuid = run.id
+        self.data_files: list = []
         self.manifest_parts: list[pa.Table] = []
 
-    def write(self, blocks: Iterable, ctx) -> pa.Table:
+    def write(self, blocks: Iterable, ctx) -> tuple[list, pa.Table]:
         table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
-        return write_window_files(table, self.staging, self.cfg, ctx.task_idx)
+        return write_window_files(table, self.metadata, self.io, self.write_uuid, ctx.task_idx)
 
     def on_write_complete(self, write_result) -> None:
-        self.manifest_parts = [t for t in write_result.write_returns if t is not None]
+        returns = [r for r in write_result.write_returns if r is not None]
+        self.data_files = [written for files, _ in returns for written in files]
+        self.manifest_parts = [rows for _, rows in returns]
 
 
 def _as_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
@@ -130,12 +177,18 @@ def print_summary(summary: IngestSummary) -> None:
         notes = []
         if s.skipped_unchanged:
             notes.append("unchanged, kept")
-        if s.unmatched_label_rows:
-            notes.append(f"{s.unmatched_label_rows} label rows without a record")
+        elif s.reingested is not None:
+            notes.append(f"{s.reingested} changed records re-ingested, the rest kept")
+        if s.normalised:
+            notes.append(f"{s.normalised} records look amplitude-normalised, not mV")
         table.add_row(s.name, str(s.discovered), str(s.ok), str(s.rejected), str(s.duplicate), str(s.windows),
                       "; ".join(notes))
     console.print(table)
     for s in summary.sources:
+        if s.has_label_table:
+            console.print(f"  {s.name}: labels: {s.discovered - s.records_without_labels} records labelled, "
+                          f"{s.records_without_labels} without, {s.unmatched_label_rows} table rows matching no record",
+                          soft_wrap=True)
         for reason, count in s.reasons.most_common():
             console.print(f"  {s.name}: rejected {count} × {reason}")
     console.print(f"{summary.discovered} records in {summary.seconds:.1f} s "
@@ -143,29 +196,38 @@ def print_summary(summary: IngestSummary) -> None:
 
 
 def run(sources: list[Path], output: str, config: Optional[Path] = None, overrides: list[str] | None = None,
-        pseudonym: bytes | None = None) -> IngestSummary:
+        pseudonym: bytes | None = None, force: bool = False) -> IngestSummary:
     """Load and validate every config, then ingest. Raises ConfigError before any work on a bad config."""
     cfg = load_yaml(config, IngestConfig, parse_overrides(overrides or [])) if config else \
         validate(IngestConfig, parse_overrides(overrides or []))
     source_cfgs = [load_yaml(path, SourceConfig) for path in sources]
     key = pseudonym if pseudonym is not None else pseudonym_key()
-    init_ray()
-    return ingest(source_cfgs, output, cfg, pseudonym=key)
+    return ingest(source_cfgs, output, cfg, pseudonym=key, force=force)
 
 
 def main(
     sources: Annotated[list[Path], typer.Argument(help="Source YAML files (name, format, path, ...)")],
     output: Annotated[str, typer.Option("--output", "-o", help="Dataset URI: a folder or s3://bucket/prefix")],
-    config: Annotated[Optional[Path], typer.Option(help="Ingest settings YAML (rate, window, filters)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Ingest settings YAML (rate, window, filters, catalog)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override an ingest setting: key=value")] = [],
+    force: Annotated[bool, typer.Option("--force", help="Re-ingest every record of these sources, changed or not")] = False,
 ) -> None:
-    """Read hospital ECG records and write canonical 12-lead windows and a manifest."""
+    """Read hospital ECG records and write canonical 12-lead windows and a manifest (Iceberg tables)."""
     with exit_2_on_config_error():
         try:
-            summary = run(sources, output, config, set_)
+            summary = run(sources, output, config, set_, force=force)
         except IngestFailed as err:
+            if err.summary is not None:
+                print_summary(err.summary)
             console.print(f"[red]ingest failed:[/red] {err}")
-            raise typer.Exit(1)
+            raise typer.Exit(EXIT_REJECTS)
+        except Exception as err:
+            if is_disk_full(err):
+                console.print(f"[red]ingest failed: no space left on the device[/red] writing {output}; "
+                              "nothing was committed, the dataset is as before (free space and run again)",
+                              soft_wrap=True)
+                raise typer.Exit(EXIT_DISK_FULL)
+            raise
     print_summary(summary)
 
 

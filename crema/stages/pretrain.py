@@ -4,7 +4,11 @@ Also `crema pretrain ...`, and `ray job submit -- python -m crema.stages.pretrai
 
 The job reads the ingest stage's windows (train and val splits) with Ray Data, trains on
 `scaling.num_workers` DDP workers, checkpoints to `storage_path/<name>/`, and writes the final
-encoder to `storage_path/<name>/encoder.pt` (and to MLflow as the model "encoder").
+encoder to `storage_path/<name>/encoder.safetensors` (and to MLflow as the model "encoder").
+
+Where outputs go. A relative `storage_path` is made absolute once, in the driver, against the directory
+the command runs in, and the workers are handed that absolute path (a Train worker runs in a folder of
+its own, so it must not resolve anything itself). Every output location is printed when the job starts.
 
 Resuming. Running a job again with the same `name` and `storage_path` continues from its latest
 checkpoint, in the same MLflow run; so does Ray itself after a worker failure, up to `max_failures`
@@ -12,6 +16,8 @@ times. A checkpoint holds the model, optimiser, LR schedule, epoch and the steps
 A resumed epoch takes only its remaining steps, from a fresh shuffle of the split: the step count,
 learning-rate schedule and optimiser state continue exactly, but the sample order is not replayed
 (Ray Data's streaming split hands out blocks dynamically, so there is no position to seek back to).
+A checkpoint is a safetensors file (never unpickled); if the latest one cannot be loaded (corrupt, or
+not a crema checkpoint), the job says so and resumes from the newest one that loads.
 A checkpoint counts once Ray has registered it (it polls the workers every few seconds): one whose
 worker died within that window is lost with it, and the job resumes from the one before.
 
@@ -26,11 +32,14 @@ would leave one rank waiting forever in an all-reduce.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
+import secrets
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -44,29 +53,28 @@ import ray.train.torch
 import torch
 import typer
 from fsspec.core import url_to_fs
-from pyarrow.fs import FSSpecHandler, PyFileSystem
-from ray.data import FileShuffleConfig
+from pyarrow.fs import FileSelector, FileType, FSSpecHandler, PyFileSystem
+from pyiceberg.expressions import EqualTo
 from ray.data.collate_fn import ArrowBatchCollateFn
-from ray.data.datasource import PathPartitionFilter
-from ray.data.datasource.partitioning import Partitioning
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 
-from crema import tracking
-from crema.config import ConfigError, PretrainConfig, load_yaml, parse_overrides
+from crema import logs, tracking
+from crema.config import ConfigError, InputConditioning, PretrainConfig, load_yaml, parse_overrides
 from crema.data.batches import MODEL_COLUMNS, decode_window_batch
-from crema.data.schema import HIVE_PARTITIONING, windows_uri
+from crema.data.catalog import windows_dataset
 from crema.evaluation.plots import plot_reconstruction
 from crema.model.network import CREMA
-from crema.stages.common import exit_2_on_config_error, init_ray, run_tags
-from crema.train.artifacts import save_encoder
-from crema.train.checkpoint import Position, load_training_state, save_training_state
+from crema.stages.common import exit_2_on_config_error, init_ray, read_windows_table, run_tags
+from crema.train.artifacts import ENCODER_FILE, save_encoder
+from crema.train.checkpoint import CheckpointError, Position, load_training_state, save_training_state
 from crema.train.engine_pretrain import StepStats, train_one_epoch, validate
 from crema.train.optim import param_groups, warmup_cosine
 from crema.train.precision import autocast_dtype
 
 console = Console()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ class PretrainResult:
 
     run_name: str
     checkpoint_path: str | None  # the latest checkpoint: a folder (or s3:// prefix) in storage_path
-    encoder_path: str  # storage_path/<name>/encoder.pt, for load_encoder
+    encoder_path: str  # storage_path/<name>/encoder.safetensors, for load_encoder
     mlflow_run_id: str | None
     metrics: dict  # the last metrics rank 0 reported
 
@@ -90,8 +98,17 @@ class EpochPlan:
 
 
 def storage_root(cfg: PretrainConfig) -> str:
-    """Ray needs an absolute local path or a URI."""
+    """Ray needs an absolute local path or a URI: a relative path is resolved against the current directory.
+
+    Called once, in the driver (:func:`resolve_storage`); workers only see the absolute result.
+    """
     return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+
+
+def resolve_storage(cfg: PretrainConfig) -> PretrainConfig:
+    """The config with `storage_path` absolute (or a URI): decided in the driver, handed to the workers."""
+    root = storage_root(cfg)
+    return cfg if root == cfg.storage_path else cfg.model_copy(update={"storage_path": root})
 
 
 def storage_target(cfg: PretrainConfig) -> tuple[PyFileSystem | None, str]:
@@ -104,16 +121,26 @@ def storage_target(cfg: PretrainConfig) -> tuple[PyFileSystem | None, str]:
 
 
 def encoder_uri(cfg: PretrainConfig) -> str:
-    """storage_path/<name>/encoder.pt: where the job writes its final encoder."""
-    return f"{storage_root(cfg).rstrip('/')}/{cfg.name}/encoder.pt"
+    """storage_path/<name>/encoder.safetensors: where the job writes its final encoder."""
+    if "://" not in cfg.storage_path and not os.path.isabs(cfg.storage_path):
+        raise ValueError(f"storage_path {cfg.storage_path!r} is relative: resolve it in the driver (resolve_storage)")
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.name}/{ENCODER_FILE}"
+
+
+def output_locations(cfg: PretrainConfig, tracking_uri: str) -> dict[str, str]:
+    """Everything the job writes, where: printed when it starts."""
+    run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    return {"checkpoints": f"{run_dir}/checkpoint_step*", "encoder": encoder_uri(cfg),
+            "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {cfg.tracking.experiment}, run {cfg.name})",
+            "dataset": cfg.data.dataset}
 
 
 # ------------------------------------------------------------------------------------------- driver
 
 def _windows_dataset(cfg: PretrainConfig) -> pads.Dataset:
-    """The windows dataset as pyarrow sees it (for counts and the schema, read in the driver)."""
-    fs, root = url_to_fs(windows_uri(cfg.data.dataset), **cfg.data.storage_options)
-    return pads.dataset(root, filesystem=fs, format="parquet", partitioning=HIVE_PARTITIONING)
+    """The current version of the windows table as pyarrow sees it, found through the catalog (for counts,
+    the schema and the fixed val window, read in the driver)."""
+    return windows_dataset(cfg.data.dataset, cfg.data.storage_options)
 
 
 def _split_rows(dataset: pads.Dataset, split: str) -> int:
@@ -145,32 +172,30 @@ def plan_epochs(cfg: PretrainConfig, train_rows: int, val_rows: int) -> EpochPla
 
 
 class WindowCollate(ArrowBatchCollateFn):
-    """For ``iter_torch_batches(collate_fn=WindowCollate())``: Ray runs it in its prefetch threads."""
+    """For ``iter_torch_batches(collate_fn=WindowCollate(conditioning))``: Ray runs it in its prefetch threads."""
+
+    def __init__(self, conditioning: InputConditioning):
+        super().__init__()
+        self.conditioning = conditioning
 
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
-        return decode_window_batch(batch)
+        return decode_window_batch(batch, self.conditioning)
 
 
-def read_split(cfg: PretrainConfig, split: str) -> ray.data.Dataset:
-    """The columns the model needs, of one split: the path filter skips other splits' files unopened."""
-    path, filesystem = windows_uri(cfg.data.dataset), None
-    if cfg.data.storage_options:
-        fs, path = url_to_fs(path, **cfg.data.storage_options)
-        filesystem = PyFileSystem(FSSpecHandler(fs))
-    return ray.data.read_parquet(
-        path,
-        filesystem=filesystem,
-        partitioning=Partitioning("hive"),
-        partition_filter=PathPartitionFilter.of(lambda keys: keys.get("split") == split, style="hive"),
-        # A new file order every epoch (reseeded per execution); the workers' buffers shuffle rows.
-        shuffle=FileShuffleConfig(seed=cfg.seed) if split == "train" else None,
-    ).select_columns(MODEL_COLUMNS)
+def read_split(cfg: PretrainConfig, split: str, version: str | None = None) -> ray.data.Dataset:
+    """The columns the model needs, of one split, read through the Iceberg catalog (at dataset `version`,
+    default the current one): partition pruning skips other splits' files unopened."""
+    data = read_windows_table(cfg.data.dataset, cfg.data.storage_options, EqualTo("split", split), MODEL_COLUMNS,
+                              version)
+    # A new block order every epoch (every execution); the workers' buffers shuffle rows.
+    return data.randomize_block_order() if split == "train" else data
 
 
-def _fixed_val_window(dataset: pads.Dataset) -> dict:
-    """The first val window: the same ECG is drawn every epoch, so the figures show progress."""
-    head = dataset.head(1, columns=[*MODEL_COLUMNS, "fs"], filter=pc.field("split") == "val")
-    return {**{k: v.numpy() for k, v in decode_window_batch(head).items()}, "fs": float(head["fs"][0].as_py())}
+def _fixed_val_window(dataset: pads.Dataset, conditioning: InputConditioning) -> dict:
+    """The first val window, as the model sees it: the same ECG is drawn every epoch, so the figures show progress."""
+    head = dataset.head(1, columns=MODEL_COLUMNS, filter=pc.field("split") == "val")
+    return {**{k: v.numpy() for k, v in decode_window_batch(head, conditioning).items()},
+            "fs": float(head["fs"][0].as_py())}
 
 
 def _checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
@@ -180,12 +205,24 @@ def _checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
     return f"{cfg.storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
-def run(cfg: PretrainConfig) -> PretrainResult:
-    """Train (or resume) the job described by `cfg`; returns where its outputs are."""
+def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
+    """Train (or resume) the job described by `cfg`; returns where its outputs are.
+
+    A run of the same name resumes as long as its settings are the same; with other settings it is a
+    ConfigError unless `resume` (the run then continues with the new settings).
+    """
+    cfg = resolve_storage(cfg)
     windows = _windows_dataset(cfg)
     _check_window_length(windows, cfg)
-    plan = plan_epochs(cfg, _split_rows(windows, "train"), _split_rows(windows, "val"))
+    rows = {"train": _split_rows(windows, "train"), "val": _split_rows(windows, "val")}
+    plan = plan_epochs(cfg, rows["train"], rows["val"])
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_reachable(tracking_uri)
+    tracking.check_run_params(cfg.name, cfg.tracking.experiment, tracking_uri,
+                              tracking.flatten_params(tracking.redact(cfg.model_dump(mode="json"))), resume)
+    for what, where in output_locations(cfg, tracking_uri).items():
+        log.info("%s → %s", what, where)
+        typer.echo(f"{what:<12} → {where}")  # one unwrapped line each: paths are copied from here
     init_ray()
     storage_filesystem, storage_path = storage_target(cfg)
     trainer = TorchTrainer(
@@ -195,7 +232,9 @@ def run(cfg: PretrainConfig) -> PretrainResult:
             "plan": asdict(plan),
             "tracking_uri": tracking_uri,
             "tags": run_tags(cfg.data.dataset, cfg.data.storage_options),
-            "fixed_val_window": _fixed_val_window(windows),
+            "dataset_rows": rows,
+            "fixed_val_window": _fixed_val_window(windows, cfg.model.input),
+            "log_level": logs.level_name(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -227,12 +266,14 @@ def train_loop_per_worker(config: dict) -> None:
     `config` is the driver's train_loop_config: the PretrainConfig as JSON, the EpochPlan, the MLflow URI,
     the run's tags and the fixed validation window for reconstruction figures.
     """
+    logs.configure(config.get("log_level"))
     worker = _setup_worker(config)
     restored = _resume(worker)
     if worker.is_rank0:
         tracking.open_training_run(worker.cfg.name, worker.cfg.tracking.experiment, config["tracking_uri"],
-                                   tracking.redact(config["cfg"]), config["tags"],
-                                   restored.global_step if restored is not None else None)
+                                   tracking.redact(config["cfg"]), {**config["tags"], **worker.resume_tags},
+                                   restored.global_step if restored is not None else None,
+                                   config.get("dataset_rows"))
     on_step = _step_callback(worker, resumed=restored is not None)
     while worker.position.epoch < worker.cfg.epochs:
         _run_epoch(worker, on_step, config["fixed_val_window"])
@@ -258,6 +299,8 @@ class Worker:
     ddp_model: torch.nn.Module | None = None
     train_shard: object = None
     val_shard: object = None
+    resume_tags: dict = field(default_factory=dict)  # which checkpoint a resumed attempt restored, which it skipped
+    checkpoint_suffix: str = ""  # set after a fallback: see _checkpoint_dir_name
 
     @property
     def is_rank0(self) -> bool:
@@ -287,8 +330,7 @@ def _resume(worker: Worker) -> Position | None:
     checkpoint = ray.train.get_checkpoint()
     restored = None
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            restored = load_training_state(folder, worker.model, worker.optimizer, worker.scheduler)
+        restored = _restore_newest_loadable(worker, checkpoint)
         worker.position = restored
     # Masks and noise differ per rank, and a resumed run does not replay the draws it already made.
     torch.manual_seed(worker.cfg.seed + 1_000_003 * worker.position.global_step + worker.rank)
@@ -296,6 +338,57 @@ def _resume(worker: Worker) -> Position | None:
     worker.train_shard = ray.train.get_dataset_shard("train")
     worker.val_shard = ray.train.get_dataset_shard("val")
     return restored
+
+
+def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's other checkpoint folders older than `checkpoint`, newest first (Ray keeps num_to_keep)."""
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    infos = checkpoint.filesystem.get_file_info(FileSelector(parent, allow_not_found=True))
+    current = _checkpoint_step(name)
+    older = [(step, i.base_name) for i in infos if i.type == FileType.Directory
+             and (step := _checkpoint_step(i.base_name)) is not None and current is not None and step < current]
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for _, n in sorted(older, reverse=True)]
+
+
+def _checkpoint_step(name: str) -> int | None:
+    """The step in a checkpoint folder's name (checkpoint_step00000042[-suffix]), None for other folders."""
+    match = re.fullmatch(r"checkpoint_step(\d+)(-[0-9a-f]+)?", name)
+    return int(match.group(1)) if match else None
+
+
+def _checkpoint_dir_name(worker: Worker) -> str:
+    """checkpoint_step<step>; after a fallback past unloadable checkpoints, with a suffix of this attempt's, so
+    that a step reached again never writes into (or has Ray evict) the unloadable folder of the same step."""
+    name = f"checkpoint_step{worker.position.global_step:08d}"
+    return f"{name}-{worker.checkpoint_suffix}" if worker.checkpoint_suffix else name
+
+
+def _restore_newest_loadable(worker: Worker, checkpoint: ray.train.Checkpoint) -> Position:
+    """Restore Ray's latest checkpoint or, if it cannot be loaded, the newest older one that can (and say so).
+
+    Every rank walks the same folders in the same order, so all ranks restore the same one.
+    """
+    skipped = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                position = load_training_state(folder, worker.model, worker.optimizer, worker.scheduler)
+        except CheckpointError as err:
+            skipped.append(candidate.path)
+            if worker.is_rank0:
+                log.warning("checkpoint %s cannot be loaded, trying the previous one: %s", candidate.path, err)
+            continue
+        worker.resume_tags = {"resumed_from_checkpoint": candidate.path}
+        if skipped:
+            worker.resume_tags["skipped_checkpoints"] = ",".join(skipped)
+            worker.checkpoint_suffix = secrets.token_hex(3)  # only rank 0 names checkpoint folders
+        if worker.is_rank0:
+            note = f" (skipped, not loadable: {', '.join(skipped)})" if skipped else ""
+            (log.warning if skipped else log.info)(
+                "resuming from checkpoint %s at step %d%s", candidate.path, position.global_step, note)
+        return position
+    raise CheckpointError(f"none of the run's checkpoints can be loaded ({', '.join(skipped)}); "
+                          "see the messages above, or start a new run name")
 
 
 def _step_callback(worker: Worker, resumed: bool):
@@ -308,6 +401,9 @@ def _step_callback(worker: Worker, resumed: bool):
         if worker.is_rank0 and stats.step % cfg.tracking.log_every_steps == 0:
             tracking.log_metrics({k: v for k, v in asdict(stats).items() if k != "step"}, stats.step,
                                  synchronous=False)
+            log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.0f samples/s", stats.step,
+                     worker.plan.steps_per_epoch * cfg.epochs, position.epoch + 1, cfg.epochs, stats.loss,
+                     stats.lr, stats.samples_per_s)
         at_epoch_end = position.step_in_epoch == worker.plan.steps_per_epoch  # the epoch-end checkpoint follows
         if stats.step % cfg.checkpoint.every_steps == 0 and not at_epoch_end:
             save_checkpoint(worker, {"step": stats.step, "epoch": position.epoch, "loss": stats.loss})
@@ -334,7 +430,7 @@ def _run_epoch(worker: Worker, on_step, fixed_val_window: dict) -> None:
     if remaining > 0:
         started = time.perf_counter()
         batches = worker.train_shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(),
+            batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(cfg.model.input),
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=_shuffle_seed(cfg.seed, position, worker.rank) if cfg.data.shuffle_buffer else None,
             prefetch_batches=cfg.data.prefetch_batches)
@@ -345,11 +441,13 @@ def _run_epoch(worker: Worker, on_step, fixed_val_window: dict) -> None:
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * worker.world
         epoch_metrics["epoch_samples_per_s"] = remaining * global_batch / (time.perf_counter() - started)
     val_batches = worker.val_shard.iter_torch_batches(batch_size=plan.val_batch_size, drop_last=True,
-                                                      collate_fn=WindowCollate(),
+                                                      collate_fn=WindowCollate(cfg.model.input),
                                                       prefetch_batches=cfg.data.prefetch_batches)
     val = validate(worker.ddp_model, val_batches, num_steps=plan.val_steps, device=worker.device,
                    amp_dtype=worker.amp_dtype, seed=cfg.seed)
     if worker.is_rank0:
+        log.info("epoch %d/%d done at step %d: %s", position.epoch + 1, cfg.epochs, position.global_step,
+                 ", ".join(f"{k} {v:.4g}" for k, v in {**val, **epoch_metrics}.items()))
         tracking.log_metrics({**val, **epoch_metrics}, position.global_step)
         tracking.log_metric(tracking.METRIC_EPOCH, position.epoch + 1, position.global_step)
         log_reconstruction(worker.model, fixed_val_window, worker.device, position.epoch, cfg.seed)
@@ -368,7 +466,7 @@ def save_checkpoint(worker: Worker, metrics: dict) -> None:
     with tempfile.TemporaryDirectory() as folder:
         save_training_state(folder, worker.model, worker.optimizer, worker.scheduler, worker.position)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_step{worker.position.global_step:08d}")
+                         checkpoint_dir_name=_checkpoint_dir_name(worker))
 
 
 def log_reconstruction(model, window: dict, device: torch.device, epoch: int, seed: int) -> None:
@@ -387,10 +485,11 @@ def log_reconstruction(model, window: dict, device: torch.device, epoch: int, se
 def _finish_tracking(model: CREMA, cfg: PretrainConfig) -> None:
     """Write the final encoder to storage_path and log it to MLflow; end the run."""
     with tempfile.TemporaryDirectory() as folder:
-        local = os.path.join(folder, "encoder.pt")
+        local = os.path.join(folder, ENCODER_FILE)
         save_encoder(model, local)
         tracking.copy_to_storage(local, encoder_uri(cfg), cfg.storage_options)
-    tracking.close_training_run(model.encoder, encoder_uri(cfg))
+        tracking.close_training_run(local, encoder_uri(cfg), model.encoder.cfg.window_samples,
+                                    model.encoder.embed_dim)
 
 
 def _shuffle_seed(seed: int, position: Position, rank: int) -> int:
@@ -403,13 +502,15 @@ def _shuffle_seed(seed: int, position: Position, rank: int) -> int:
 def main(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (configs/pretrain/*.yaml)")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings, e.g. optim.lr=3e-4")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run of this name even though its settings "
+                                                          "changed (more epochs, say)")] = False,
 ) -> None:
     """Pretrain the CREMA encoder (CR-MAE) on the ingested windows, resuming a run of the same name."""
     with exit_2_on_config_error():
         cfg = load_yaml(config, PretrainConfig, parse_overrides(overrides or []))
-        result = run(cfg)
-    console.print(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
-    console.print(f"encoder → {result.encoder_path} (MLflow run {result.mlflow_run_id})")
+        result = run(cfg, resume=resume)
+    console.print(f"run {result.run_name}: checkpoint {result.checkpoint_path}", soft_wrap=True)
+    console.print(f"encoder → {result.encoder_path} (MLflow run {result.mlflow_run_id})", soft_wrap=True)
     console.print({k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
 
 

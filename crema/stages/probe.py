@@ -7,7 +7,9 @@ actor, a GPU each when the cluster has them) writes the frozen embeddings to Par
 ``<output>/<task>/embeddings/``; the pass is skipped when the same encoder weights have already
 embedded the same dataset. Then, per label fraction, a Ray Tune sweep trains linear heads on those
 embeddings (ASHA on the validation macro AUROC), and the best one is evaluated once on the test split
-(see :mod:`crema.stages.sweep` for the MLflow runs it leaves).
+(see :mod:`crema.stages.sweep` for the MLflow runs it leaves). Before each sweep, with the task's
+``converged_probe`` (the default), the measuring stick of the SSL literature is run and logged the same way
+as method ``probe_lbfgs``: an L-BFGS logistic regression trained to convergence, its C chosen on validation.
 
 Exit codes: 0 done; 2 invalid configuration (bad task file, unknown encoder, missing artifact).
 """
@@ -17,33 +19,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import ray
 import torch
 import typer
 from fsspec.core import url_to_fs
 from pyarrow.fs import FSSpecHandler, PyFileSystem
-from ray.data.datasource import PathPartitionFilter
-from ray.data.datasource.partitioning import Partitioning
 from rich.console import Console
 
 from crema.config import EncoderSpec, TaskConfig
-from crema.tracking import dataset_tags
-from crema.data.schema import windows_uri
+from crema.tracking import TAG_DATASET_VERSION, dataset_tags
 from crema.evaluation.embeddings import embedding_matrix
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes
-from crema.evaluation.probe import LinearProbe, predict_probe, train_probe
+from crema.evaluation.probe import DEFAULT_CS, LinearProbe, fit_converged_probe, predict_probe, train_probe
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
                                     task_sources)
-from crema.stages.common import init_ray
+from crema.stages.common import init_ray, read_windows_table
 from crema.stages.embed import embed_dataset
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, prepare_task,
-                                print_results, run_sweep, select_encoders, sweep_command, trial_run)
+                                print_results, run_fitted, run_sweep, select_encoders, sweep_command, trial_run)
 
 console = Console()
 PROBE_FILE = "probe.pt"
@@ -66,19 +65,19 @@ def ray_filesystem(task: TaskConfig, uri: str):
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-def read_task_windows(task: TaskConfig, sources: list[str]):
-    """The windows of `sources` as a Ray Dataset (the path filter skips other sources' files unopened)."""
-    path, filesystem = ray_filesystem(task, windows_uri(task.dataset))
-    return ray.data.read_parquet(
-        path, filesystem=filesystem, partitioning=Partitioning("hive"),
-        partition_filter=PathPartitionFilter.of(lambda keys: keys.get("source") in sources, style="hive"),
-    ).select_columns([*SIGNAL_COLUMNS, *META_COLUMNS])
+def read_task_windows(task: TaskConfig, sources: list[str], version: str | None = None):
+    """The windows of `sources` (at dataset `version`, default the current one) as a Ray Dataset read
+    through the catalog: the partition filter skips other sources' files unopened."""
+    from pyiceberg.expressions import In
+
+    return read_windows_table(task.dataset, task.storage_options, In("source", sources),
+                              [*SIGNAL_COLUMNS, *META_COLUMNS], version)
 
 
 def embeddings_key(blob: bytes, dataset_tags: dict[str, str], sources: list[str]) -> str:
     """Same encoder weights, same dataset content, same sources: same embeddings."""
     digest = hashlib.sha256(blob)
-    digest.update(json.dumps([dataset_tags.get("dataset_manifest_sha256", dataset_tags["dataset"]), sources])
+    digest.update(json.dumps([dataset_tags["dataset"], dataset_tags.get(TAG_DATASET_VERSION), sorted(sources)])
                   .encode())
     return digest.hexdigest()[:16]
 
@@ -95,7 +94,8 @@ def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: l
         if fs.exists(path):  # an interrupted pass: its files are incomplete
             fs.rm(path, recursive=True)
         console.print(f"embeddings of {spec.name}: one pass over {', '.join(sources)} → {uri}")
-        embed_dataset(read_task_windows(task, sources), blob, *ray_filesystem(task, uri), settings=task.embed)
+        windows = read_task_windows(task, sources, dataset_tags.get(TAG_DATASET_VERSION))
+        embed_dataset(windows, blob, *ray_filesystem(task, uri), settings=task.embed)
         fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources}).encode())
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
@@ -151,15 +151,28 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         for fraction in task.label_fractions:
             train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
             y_train = LabelledWindows.from_table(train, task.classes).y
-            results.append(run_sweep(SweepInputs(
+            z_train = embedding_matrix(train)
+            inputs = SweepInputs(
                 task=task, method="probe", spec=spec, fraction=fraction, sweep=sweep, trainable=probe_trial,
-                trial_inputs=dict(z_train=embedding_matrix(train), y_train=y_train, z_val=z_val, val=val,
+                trial_inputs=dict(z_train=z_train, y_train=y_train, z_val=z_val, val=val,
                                   epochs=sweep.epochs, batch_size=sweep.batch_size, seed=task.seed),
                 hyperparameters=HYPERPARAMETERS,
                 resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
                 val=val, test=test, n_train_windows=train.num_rows,
-                score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)))))
+                score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)))
+            if task.converged_probe:
+                results.append(run_fitted(replace(inputs, method="probe_lbfgs", hyperparameters=("C",)),
+                                          partial(converged_probe_scores, z_train, y_train, z_val, z_test, val)))
+            results.append(run_sweep(inputs))
     return results
+
+
+def converged_probe_scores(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, z_test: np.ndarray,
+                           val: LabelledWindows) -> tuple[BestTrialScores, dict, int]:
+    """The L-BFGS probe trained to convergence, C chosen on the validation records: window scores, C, fits."""
+    probe = fit_converged_probe(z_train, y_train, z_val, val.y,
+                                score=lambda _, window_scores: val.macro_auroc(window_scores))
+    return BestTrialScores(probe.predict(z_val), probe.predict(z_test)), {"C": probe.C}, len(DEFAULT_CS)
 
 
 def run_demo(task: str | Path, *, dataset: str, encoders: list[dict], tracking_uri: str) -> list[SweepResult]:

@@ -86,11 +86,13 @@ class BestTrialScores:
 # ------------------------------------------------------------------------------------------ task
 
 def prepare_task(task: TaskConfig | str | Path, overrides: dict | None = None) -> TaskConfig:
-    """A validated task with absolute local paths (trials run in other folders)."""
+    """A validated task with absolute local paths (trials run in other folders); its tracking server must
+    answer (a dead one fails here, within seconds, rather than after the embedding pass)."""
     if not isinstance(task, TaskConfig):
         task = load_task(task, overrides)
     elif overrides:
         raise ConfigError("overrides apply to a task file, not to a TaskConfig object")
+    tracking.check_reachable(tracking.resolve_tracking_uri(task.tracking.tracking_uri))
     return with_absolute_paths(task)
 
 
@@ -251,7 +253,7 @@ class SweepInputs:
     log a model with `tags`)."""
 
     task: TaskConfig
-    method: str  # probe | finetune
+    method: str  # probe | probe_lbfgs | finetune
     spec: EncoderSpec
     fraction: float
     sweep: SweepConfig
@@ -267,6 +269,24 @@ class SweepInputs:
     @property
     def run_name(self) -> str:
         return f"{self.method}-{self.task.name}-{self.spec.name}-f{self.fraction:g}"
+
+
+def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dict, int]]) -> SweepResult:
+    """A method without trials to schedule (the converged linear probe): `fit()` -> (scores, chosen settings,
+    fits tried), logged and evaluated on test exactly as a sweep's best trial is."""
+    task = inputs.task
+    check_evaluable(task, inputs.val, inputs.test)
+    tracking_uri = tracking.resolve_tracking_uri(task.tracking.tracking_uri)
+    experiment_id = tracking.ensure_experiment(task.tracking.experiment, tracking_uri)
+    tags = _sweep_tags(inputs, tracking_uri)
+    with tracking.sweep_run(tracking_uri, experiment_id, inputs.run_name,
+                            {**tags, **run_tags(task.dataset, task.storage_options)},
+                            _sweep_params(inputs), tracking.redact(task.model_dump(mode="json"))) as parent_run_id:
+        scores, chosen, n_fits = fit()
+        tracking.record_best_trial("", None, chosen)
+        val_auroc, results = log_test_evaluation(task, inputs.val, inputs.test, scores)
+    return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, parent_run_id, parent_run_id,
+                       chosen, val_auroc, results, n_fits, None, tags)
 
 
 def run_sweep(inputs: SweepInputs) -> SweepResult:

@@ -1,7 +1,13 @@
-"""The encoder artifact: the SiT encoder alone, as plain tensors and its config, loadable anywhere."""
+"""The encoder artifact: the SiT encoder alone, as a safetensors file with its config as JSON metadata.
+
+Loadable anywhere without pickle (:mod:`crema.train.safe_files`); a file that is not one (a pickled
+``torch.save`` file from older versions, or a crafted one) is refused with
+:class:`~crema.train.safe_files.UnsafeArtifactError`, never unpickled.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import BinaryIO
 
@@ -10,6 +16,14 @@ from torch import nn
 
 from crema.config import ModelConfig
 from crema.model.network import CREMA, SiTEncoder
+from crema.train import safe_files
+from crema.train.safe_files import UnsafeArtifactError
+
+ENCODER_FILE = "encoder.safetensors"  # the name the stages give the artifact
+FORMAT = "crema-encoder/1"
+
+__all__ = ["ENCODER_FILE", "UnsafeArtifactError", "encoder_to_bytes", "encoder_from_bytes", "load_encoder",
+           "read_encoder_config", "save_encoder"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -22,19 +36,57 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def save_encoder(model: nn.Module, path: str | Path | BinaryIO) -> None:
-    """Write the encoder alone: {"config", "state_dict"} of plain types, loadable with weights_only=True."""
+def encoder_to_bytes(model: nn.Module) -> bytes:
+    """The encoder alone (of a CREMA model or a SiTEncoder) as safetensors bytes, its config in the metadata."""
     model = _unwrap(model)
     encoder = model.encoder if isinstance(model, CREMA) else model
     if not isinstance(encoder, SiTEncoder):
         raise TypeError(f"expected a CREMA model or a SiTEncoder; got {type(model).__name__}")
-    state = {name: t.detach().cpu() for name, t in encoder.state_dict().items()}
-    torch.save({"config": encoder.cfg.model_dump(), "state_dict": state}, path)
+    return safe_files.write(encoder.state_dict(),
+                            {"format": FORMAT, "config": json.dumps(encoder.cfg.model_dump(mode="json"))})
+
+
+def _parse(data: bytes, what: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    tensors, metadata = safe_files.read(data, what)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise UnsafeArtifactError(f"{what} is a safetensors file but not a crema encoder "
+                                  f"(format {metadata.get('format')!r})")
+    return ModelConfig.model_validate(json.loads(metadata["config"])), tensors
+
+
+def encoder_from_bytes(data: bytes, map_location: str | torch.device = "cpu",
+                       what: str = "encoder artifact") -> SiTEncoder:
+    """The encoder of :func:`encoder_to_bytes`, in eval mode (embeddings are deterministic)."""
+    cfg, tensors = _parse(data, what)
+    encoder = SiTEncoder(cfg)
+    encoder.load_state_dict(tensors)
+    return encoder.to(map_location).eval()
+
+
+def _read_bytes(path: str | Path | BinaryIO) -> tuple[bytes, str]:
+    if hasattr(path, "read"):
+        return path.read(), str(getattr(path, "name", None) or getattr(path, "path", None) or "encoder artifact")
+    with open(path, "rb") as f:
+        return f.read(), str(path)
+
+
+def save_encoder(model: nn.Module, path: str | Path | BinaryIO) -> None:
+    """Write the encoder alone (safetensors + config metadata) to a local path or a binary file handle."""
+    data = encoder_to_bytes(model)
+    if hasattr(path, "write"):
+        path.write(data)
+        return
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_encoder(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> SiTEncoder:
     """The encoder `save_encoder` wrote, in eval mode (embeddings are deterministic); .train() to fine-tune."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    encoder = SiTEncoder(ModelConfig.model_validate(blob["config"]))
-    encoder.load_state_dict(blob["state_dict"])
-    return encoder.to(map_location).eval()
+    data, what = _read_bytes(path)
+    return encoder_from_bytes(data, map_location, what)
+
+
+def read_encoder_config(path: str | Path | BinaryIO) -> ModelConfig:
+    """The ModelConfig stored in an encoder artifact."""
+    data, what = _read_bytes(path)
+    return _parse(data, what)[0]

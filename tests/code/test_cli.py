@@ -32,7 +32,17 @@ def test_ingest_cli_success_invalid_config_and_reject_threshold(ptbxl_root, ray_
     result = runner.invoke(app, ["ingest", str(source), "--output", str(tmp_path / "strict"),
                                  "--set", "max_reject_fraction=0.1"])
     assert result.exit_code == 1 and "rejected" in result.output
+    assert "bad_header" in result.output  # the summary and its reasons, also when the job fails
     assert read_manifest(str(tmp_path / "strict"), {}).num_rows == 3
+
+    # A source with no records (wrong path, empty folder) is a config error before Ray starts.
+    for path, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "no wfdb records")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(f"name: wrong\nformat: wfdb\npath: {path}\n")
+        result = runner.invoke(app, ["ingest", str(source), str(wrong), "--output", str(tmp_path / "never")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "never").exists()
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad name with spaces\nformat: wfdb\n")

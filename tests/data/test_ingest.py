@@ -11,7 +11,8 @@ import pytest
 import wfdb
 from scipy.signal import resample_poly
 
-from crema.config import HashSplit, IngestConfig, SourceConfig, load_yaml
+from crema.config import ConfigError, HashSplit, IngestConfig, SourceConfig, load_yaml
+from crema.data.catalog import dataset_version
 from crema.data.schema import decode_masks, decode_signals, read_windows
 from crema.data.ingest import IngestFailed, read_manifest
 from crema.stages.ingest import ingest
@@ -131,8 +132,8 @@ def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tm
     folder = tmp_path / "src"
     folder.mkdir()
     for f in (shared_data / "formats" / "wfdb").iterdir():
-        (folder / f.name).symlink_to(f)
-    source = SourceConfig(name="formats", format="wfdb", path=str(folder))
+        shutil.copy(f, folder / f.name)
+    source = SourceConfig(name="formats", format="wfdb", path=str(folder), pseudonymise_record_ids=False)
     summary = ingest([source], str(tmp_path / "ds"), IngestConfig(max_reject_fraction=1.0), pseudonym=KEY)
     manifest = {r["record_id"]: r for r in read_manifest(str(tmp_path / "ds"), {}).to_pylist()}
     # s0010_re: 12 standard leads (lower-case names) + Frank vx/vy/vz dropped, 1000 Hz -> 500 Hz, 38.4 s -> 3 windows
@@ -147,7 +148,7 @@ def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tm
     assert summary.sources[0].windows == 3
 
     # With MLII mapped to II explicitly and a lower lead minimum, record 100 is kept and masked.
-    mapped = SourceConfig(name="mitdb", format="wfdb", path=str(folder), lead_aliases={"MLII": "II"})
+    mapped = SourceConfig(name="mitdb", format="wfdb", path=str(folder), lead_aliases={"MLII": "II"}, pseudonymise_record_ids=False)
     ingest([mapped], str(tmp_path / "ds2"), IngestConfig(min_leads=2), pseudonym=KEY)
     table = read_windows(str(tmp_path / "ds2"), filter=pc.equal(pc.field("record_id"), "100"))
     masks = decode_masks(table["lead_mask"])
@@ -184,7 +185,7 @@ def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, 
     shutil.copy(src / "00002_hr.dat", src / "copy_of_2.dat")
     (src / "copy_of_2.hea").write_text((src / "00002_hr.hea").read_text().replace("00002_hr", "copy_of_2"))
 
-    source = SourceConfig(name="hospital", format="wfdb", path=str(src))
+    source = SourceConfig(name="hospital", format="wfdb", path=str(src), pseudonymise_record_ids=False)
     summary = ingest([source], str(tmp_path / "ds"), IngestConfig(max_reject_fraction=1.0), pseudonym=KEY)
     rows = {r["record_id"]: r for r in read_manifest(str(tmp_path / "ds"), {}).to_pylist()}
     assert len(rows) == len(good) + len(broken) + 1  # every discovered record is accounted for
@@ -216,35 +217,41 @@ def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, ra
         folder.mkdir()
         for i in ids:
             for ext in ("hea", "dat"):
-                (folder / f"{i:05d}_hr.{ext}").symlink_to(ptbxl_root / "records500/00000" / f"{i:05d}_hr.{ext}")
+                shutil.copy(ptbxl_root / "records500/00000" / f"{i:05d}_hr.{ext}", folder / f"{i:05d}_hr.{ext}")
         return SourceConfig(name=name, format="wfdb", path=str(folder))
 
     a, b = subset("a", range(1, 21)), subset("b", range(21, 41))
     out = str(tmp_path / "ds")
     ingest([a], out, IngestConfig(), pseudonym=KEY)
     first = read_windows(out).sort_by("record_id")
-    files_a = sorted(p.name for p in (tmp_path / "ds/windows/source=a").rglob("*.parquet"))
+    version = dataset_version(out)
 
     summary = ingest([a], out, IngestConfig(), pseudonym=KEY)
     assert summary.sources[0].skipped_unchanged
     assert read_windows(out).sort_by("record_id").equals(first)
+    assert dataset_version(out) == version  # nothing committed
 
     ingest([b], out, IngestConfig(), pseudonym=KEY)
-    assert sorted(p.name for p in (tmp_path / "ds/windows/source=a").rglob("*.parquet")) == files_a
+    assert read_windows(out, filter=pc.field("source") == "a").sort_by("record_id").equals(first)
     both = read_windows(out)
     assert both.num_rows == 40 and Counter(both["source"].to_pylist()) == {"a": 20, "b": 20}
     assert read_manifest(out, {}).num_rows == 40
+    assert read_windows(out, version=version).num_rows == 20  # the earlier version stays readable
 
     # A changed setting re-ingests the source (replacing, not appending, its windows).
-    ingest([a], out, IngestConfig(target_fs=250), pseudonym=KEY)
+    ingest([a], out, IngestConfig(target_fs=1000, window_s=5), pseudonym=KEY)
     rows = read_windows(out, filter=pc.equal(pc.field("source"), "a"))
-    assert rows.num_rows == 20 and set(rows["fs"].to_pylist()) == {250}
-    assert not (tmp_path / "ds" / "_staging").exists() or not any((tmp_path / "ds" / "_staging").iterdir())
+    assert rows.num_rows == 40 and set(rows["fs"].to_pylist()) == {1000}
+    # One dataset has one window length: another is refused before any work.
+    with pytest.raises(ConfigError, match="5000 samples"):
+        ingest([a], out, IngestConfig(target_fs=250), pseudonym=KEY)
+    assert not list((tmp_path / "ds" / "_runs").iterdir()) and not list((tmp_path / "ds" / "_pending").iterdir())
 
 
 @pytest.mark.slow
 def test_killed_run_leaves_the_committed_dataset_intact(ptbxl_root, tmp_path):
-    """SIGKILL the ingest job while it writes: readers still see the last complete dataset."""
+    """SIGKILL the ingest job while its tasks write: readers still see the last committed version, and the
+    next run removes the killed run's data files and commits every record."""
     import os
     import signal
     import subprocess
@@ -258,24 +265,38 @@ def test_killed_run_leaves_the_committed_dataset_intact(ptbxl_root, tmp_path):
     env = {**os.environ, "CREMA_PSEUDONYM_KEY": KEY.decode()}
     command = [sys.executable, "-m", "crema.stages.ingest", str(source), "--output", str(out)]
     repo = Path(__file__).parents[2]
-    first = subprocess.run([*command, "--set", "target_fs=100"], env=env, cwd=repo, capture_output=True, text=True)
+    # 250 Hz and 20 s windows: 5000 samples, as at 500 Hz and 10 s (one dataset, one window length).
+    first = subprocess.run([*command, "--set", "target_fs=250", "--set", "window_s=20", "--set", "pad_short=true"],
+                           env=env, cwd=repo, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     before = read_windows(str(out)).sort_by([("record_id", "ascending"), ("window_index", "ascending")])
     manifest_before = read_manifest(str(out), {})
+    version = dataset_version(str(out))
+    data = out / "warehouse/crema/windows/data"
+    files_before = set(data.rglob("*.parquet"))
 
     job = subprocess.Popen([*command, "--set", "target_fs=500"], env=env, cwd=repo, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((out / "_staging").glob("*/source=*/split=*/*.parquet")) and time.time() < deadline:
+    while not set(data.rglob("*.parquet")) - files_before and time.time() < deadline:
         assert job.poll() is None, "the job finished before it could be interrupted"
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+    killed_files = set(data.rglob("*.parquet")) - files_before
+    assert killed_files  # written by the killed run, never committed
 
     after = read_windows(str(out)).sort_by([("record_id", "ascending"), ("window_index", "ascending")])
-    assert after.equals(before) and set(after["fs"].to_pylist()) == {100}
-    assert read_manifest(str(out), {}).equals(manifest_before)
+    assert after.equals(before) and set(after["fs"].to_pylist()) == {250}
+    assert read_manifest(str(out), {}).equals(manifest_before) and dataset_version(str(out)) == version
 
     again = subprocess.run([*command, "--set", "target_fs=500"], env=env, cwd=repo, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert set(read_windows(str(out), columns=["fs"])["fs"].to_pylist()) == {500}
+    windows = read_windows(str(out), columns=["record_id", "fs"])
+    assert set(windows["fs"].to_pylist()) == {500}
+    manifest = read_manifest(str(out), {})
+    assert manifest.num_rows == manifest_before.num_rows == 1999  # no record missing
+    assert sum(manifest["n_windows"].to_pylist()) == windows.num_rows
+    # The killed run's files are gone (orphan cleanup); the committed ones, old versions' included, are kept.
+    files_now = set(data.rglob("*.parquet"))
+    assert files_before <= files_now and not killed_files & files_now

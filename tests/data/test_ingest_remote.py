@@ -11,7 +11,7 @@ import pytest
 import s3fs
 import wfdb
 
-from crema.config import IngestConfig
+from crema.config import CatalogConfig, ConfigError, IngestConfig
 from crema.data.schema import decode_signals, read_windows
 from crema.data.ingest import read_manifest
 from crema.stages.ingest import ingest
@@ -19,7 +19,7 @@ from tests.conftest import REPO, submit_job
 from tests.data.test_ingest import KEY, ptbxl_source
 
 
-def test_ingest_from_and_to_s3(s3_server, ptbxl_root, ray_local):
+def test_ingest_from_and_to_s3(s3_server, ptbxl_root, ray_local, tmp_path):
     options = {"key": "testing", "secret": "testing",
                "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
     boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
@@ -34,17 +34,24 @@ def test_ingest_from_and_to_s3(s3_server, ptbxl_root, ray_local):
 
     source = ptbxl_source(ptbxl_root).model_copy(update={"path": "s3://hospital/ptbxl/records500",
                                                           "storage_options": options})
-    summary = ingest([source], "s3://hospital/out", IngestConfig(storage_options=options), pseudonym=KEY)
+    # The embedded SQLite catalog needs a local folder: an s3:// output names its catalog (here SQL on a
+    # local SQLite file, as a stand-in for a REST or Glue catalog) and keeps its warehouse on S3.
+    with pytest.raises(ConfigError, match="Set `catalog:`"):
+        ingest([source], "s3://hospital/out", IngestConfig(storage_options=options), pseudonym=KEY)
+    catalog = CatalogConfig(type="sql", uri=f"sqlite:///{tmp_path}/catalog.db")
+    summary = ingest([source], "s3://hospital/out", IngestConfig(storage_options=options, catalog=catalog),
+                     pseudonym=KEY)
     assert summary.sources[0].ok == 12
 
-    assert s3.exists("hospital/out/manifest.parquet")
+    assert s3.exists("hospital/out/catalog.json") and s3.ls("hospital/out/warehouse/crema/windows/data")
+    assert "testing" not in s3.cat_file("hospital/out/catalog.json").decode()  # no secrets beside the data
     assert read_manifest("s3://hospital/out", options).num_rows == 12
     table = read_windows("s3://hospital/out", storage_options=options)
     assert sorted(r.split("/")[-1] for r in table["record_id"].to_pylist()) == ids
     k = table["record_id"].to_pylist().index("00000/00005_hr")
     ref = wfdb.rdrecord(str(ptbxl_root / "records500/00000/00005_hr")).p_signal.T
     np.testing.assert_allclose(decode_signals(table)[k].astype(np.float32), ref, atol=2e-3, rtol=1e-3)
-    assert not s3.exists("hospital/out/_staging") or not s3.ls("hospital/out/_staging")
+    assert not s3.find("hospital/out/_runs") and not s3.find("hospital/out/_pending")  # no run left behind
 
 
 @pytest.mark.slow

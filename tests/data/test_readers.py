@@ -255,16 +255,23 @@ def test_discover_walks_folders_and_honours_a_records_file(tmp_path, shared_data
     assert reader_for(wfdb_source(tmp_path, records="RECORDS")).discover() == ["00000/00001_lr", "01000/01002_lr"]
 
 
-def test_fingerprint_is_the_signal_bytes_whatever_the_name(tmp_path, shared_data):
+def test_fingerprint_covers_the_header_and_the_signal_bytes(tmp_path, shared_data):
     source = shared_data / "ptbxl" / "records500" / "00000"
     shutil.copy(source / "00001_hr.dat", tmp_path / "copy.dat")
     header = (source / "00001_hr.hea").read_text().replace("00001_hr", "copy")
     (tmp_path / "copy.hea").write_text(header)
     original = reader_for(wfdb_source(source.parent))
-    renamed = reader_for(wfdb_source(tmp_path))
-    assert renamed.fingerprint("copy") == original.fingerprint("00000/00001_hr")
+    copy = reader_for(wfdb_source(tmp_path))
+    assert np.array_equal(copy.read("copy").signal, original.read("00000/00001_hr").signal)
+    before = copy.fingerprint("copy")
     assert original.fingerprint("00000/00002_hr") != original.fingerprint("00000/00001_hr")
-    assert np.array_equal(renamed.read("copy").signal, original.read("00000/00001_hr").signal)
+    # Any header edit (a gain, a lead name) changes what the record means, so its fingerprint.
+    for edited in (header.replace("1000.0(0)/mV", "500.0(0)/mV", 1), header.replace(" I\n", " II\n", 1)):
+        assert edited != header
+        (tmp_path / "copy.hea").write_text(edited)
+        assert copy.fingerprint("copy") != before
+    (tmp_path / "copy.hea").write_text(header)
+    assert copy.fingerprint("copy") == before
 
 
 def test_s3_source_reads_fast_and_through_the_fallback(tmp_path, shared_data, s3_server):

@@ -34,6 +34,7 @@ from crema.train.artifacts import load_encoder, save_encoder
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, label_fraction_subset, load_task, record_keys,
                                     split_roles)
+from crema.evaluation.probe import DEFAULT_CS
 from crema.stages import compare, finetune, probe
 from tests.conftest import REPO, submit_job
 from tests.data.test_ingest import KEY, ptbxl_source
@@ -76,7 +77,7 @@ def pretrained(dataset, workdir, tracking_uri) -> tuple[Path, str]:
     model = CREMA(ModelConfig(**TINY))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(2, 8))
-    train_one_epoch(model, iter_table_batches(train, 16, seed=0), optimizer, scheduler, num_steps=8, start_step=0,
+    train_one_epoch(model, iter_table_batches(train, 16, model.cfg.input, seed=0), optimizer, scheduler, num_steps=8, start_step=0,
                     device=torch.device("cpu"), clip_grad=1.0)
     path = workdir / "encoder.pt"
     save_encoder(model, path)
@@ -127,8 +128,9 @@ def embeddings_of(workdir: Path, encoder: str):
 
 def test_probe_sweep_leaves_parent_run_with_nested_trials_and_artifacts(probe_results, tracking_uri, pretrained):
     client = MlflowClient(tracking_uri)
-    assert [(r.method, r.encoder) for r in probe_results] == [("probe", "crema"), ("probe", "random_init")]
-    for result in probe_results:
+    assert [(r.method, r.encoder) for r in probe_results] == [
+        ("probe_lbfgs", "crema"), ("probe", "crema"), ("probe_lbfgs", "random_init"), ("probe", "random_init")]
+    for result in [r for r in probe_results if r.method == "probe"]:
         parent = client.get_run(result.parent_run_id)
         tags = parent.data.tags
         assert parent.info.status == "FINISHED"
@@ -162,9 +164,20 @@ def test_probe_sweep_leaves_parent_run_with_nested_trials_and_artifacts(probe_re
         auroc = table.set_index("metric").loc["macro_auroc"]
         assert auroc.value == pytest.approx(parent.data.metrics["test_macro_auroc"])
         assert auroc.ci_low <= auroc.value <= auroc.ci_high
-    crema_tags = client.get_run(probe_results[0].parent_run_id).data.tags
+    crema_tags = client.get_run(probe_results[1].parent_run_id).data.tags
     assert crema_tags["encoder_artifact"] == str(pretrained[0])
     assert crema_tags["encoder_run_id"] == pretrained[1]
+
+
+def test_converged_probe_is_logged_and_scored_like_a_sweep(probe_results, tracking_uri):
+    """The L-BFGS probe (the SSL literature's protocol): C chosen on validation from the grid, test scored once."""
+    client = MlflowClient(tracking_uri)
+    for result in [r for r in probe_results if r.method == "probe_lbfgs"]:
+        run = client.get_run(result.parent_run_id)
+        assert (run.data.tags["crema.kind"], run.data.tags["method"]) == ("sweep", "probe_lbfgs")
+        assert result.best_config["C"] in DEFAULT_CS and result.n_trials == len(DEFAULT_CS)
+        assert result.val_macro_auroc == pytest.approx(run.data.metrics["best_val_macro_auroc"])
+        assert 0.5 < result.test_metrics["macro_auroc"] <= 1
 
 
 def test_logged_test_metrics_agree_with_scikit_learn(probe_results, tracking_uri, dataset):
@@ -229,7 +242,7 @@ def test_cross_hospital_trains_on_one_source_and_tests_on_another(probe_results,
         load_task(TASK_FILE, task_overrides(dataset, workdir, tracking_uri, pretrained[0], test_splits=["val"]))
     (result,) = probe.run(TASK_FILE, task_overrides(
         dataset, workdir, tracking_uri, pretrained[0], train_sources=["ptbxl"], test_sources=["hospital_b"],
-        test_splits=["train", "val", "test"],
+        test_splits=["train", "val", "test"], converged_probe=False,
         **{**QUICK_PROBE, "probe.epochs": 2, "probe.lr": [1e-2]}), encoders=["crema"])
     run = MlflowClient(tracking_uri).get_run(result.parent_run_id)
     assert (run.data.tags["train_sources"], run.data.tags["test_sources"]) == ("ptbxl", "hospital_b")
@@ -295,7 +308,9 @@ def test_compare_table_lists_encoders_and_baselines_by_task(probe_results, finet
     for result in [*probe_results, finetune_result]:
         column = "ptbxl_superdiagnostic" if result.label_fraction == 1 else \
             f"ptbxl_superdiagnostic @ {result.label_fraction:g}"
-        cell = table.loc[f"{result.method} · {result.encoder}", column]
+        # Rows are keyed by the pretraining run of the encoder (found through its encoder_path tag).
+        row = f"{result.method} · {result.encoder}" + (" · tiny-pretrain" if result.encoder == "crema" else "")
+        cell = table.loc[row, column]
         m = result.test_metrics
         assert cell == f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]"
     assert "ptbxl_superdiagnostic (ptbxl → hospital_b)" in table.columns
@@ -309,7 +324,8 @@ def test_probe_entrypoint_via_ray_job_submit(ray_cluster, probe_results, dataset
     result = submit_job(
         ray_cluster,
         [sys.executable, "-m", "crema.stages.probe", "--task", str(TASK_FILE), "--encoder", "crema",
-         "probe.epochs=2", "probe.num_samples=1", "probe.lr=[0.01]", "probe.weight_decay=[0.0]", "n_boot=100"],
+         "probe.epochs=2", "probe.num_samples=1", "probe.lr=[0.01]", "probe.weight_decay=[0.0]", "n_boot=100",
+         "converged_probe=false"],
         {"PYTHONPATH": str(REPO), "CREMA_DATASET": str(dataset), "CREMA_DOWNSTREAM": str(workdir / "downstream"),
          "CREMA_ENCODER": str(pretrained[0]), "MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
     )

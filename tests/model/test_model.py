@@ -3,11 +3,13 @@ lambda = 0 reduction to MAE, the encoder artifact, optimiser groups, the FLOP es
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors import safe_open
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -283,12 +285,14 @@ def test_encoder_artifact_round_trip(tmp_path, variant):
     with torch.no_grad():  # make the weights differ from any fresh initialisation
         for p in model.encoder.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    path = tmp_path / "encoder.pt"
+    path = tmp_path / "encoder.safetensors"
     save_encoder(model, path)
-    blob = torch.load(path, weights_only=True)
-    assert set(blob) == {"config", "state_dict"}
-    assert blob["config"]["embed_dim"] == 32 and blob["config"]["conv_stem"] == variant.get("conv_stem", False)
-    assert not any(name.startswith(("decoder", "projector")) for name in blob["state_dict"])
+    # A safetensors file: the weights as plain tensors, the config as JSON metadata, no pickle.
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+        names = list(f.keys())
+    assert config["embed_dim"] == 32 and config["conv_stem"] == variant.get("conv_stem", False)
+    assert names and not any(name.startswith(("decoder", "projector")) for name in names)
 
     encoder = load_encoder(path)
     assert isinstance(encoder, SiTEncoder)
@@ -296,8 +300,8 @@ def test_encoder_artifact_round_trip(tmp_path, variant):
     model.eval()
     encoder.eval()
     assert torch.equal(encoder.embed(x, lead_mask), model.embed(x, lead_mask))
-    save_encoder(encoder, tmp_path / "again.pt")
-    assert torch.equal(load_encoder(tmp_path / "again.pt").embed(x, lead_mask), model.embed(x, lead_mask))
+    save_encoder(encoder, tmp_path / "again.safetensors")
+    assert torch.equal(load_encoder(tmp_path / "again.safetensors").embed(x, lead_mask), model.embed(x, lead_mask))
 
 
 # ------------------------------------------------------------------------------ optimiser, FLOPs
@@ -356,3 +360,4 @@ def test_loss_decreases_on_a_small_batch():
     first, last = sum(recon[:5]) / 5, sum(recon[-5:]) / 5
     assert last < 0.3 * first, recon
     assert sum(contrastive[-5:]) < sum(contrastive[:5]), contrastive
+

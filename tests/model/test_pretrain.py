@@ -7,19 +7,23 @@ from pathlib import Path
 
 import boto3
 import mlflow
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 import s3fs
 import torch
 from mlflow.tracking import MlflowClient
 
-from crema.config import ConfigError, ModelConfig, PretrainConfig, load_yaml
+from crema.config import CatalogConfig, ConfigError, ModelConfig, PretrainConfig, load_yaml
 from crema.data.batches import MODEL_COLUMNS, iter_table_batches
+from crema.data.catalog import write_windows
 from crema.data.schema import read_windows
 from crema.train.engine_pretrain import train_one_epoch, validate
 from crema.train.optim import warmup_cosine
 from crema.model.network import CREMA
 from crema.train.artifacts import load_encoder
+from crema.train.checkpoint import STATE_FILE, read_training_state
+from crema.data.schema import decode_masks, decode_signals
 from tests.model.pretrain_fixtures import write_ptbxl_windows
 
 WINDOW_S, FS = 2.0, 500
@@ -49,11 +53,11 @@ def test_loss_falls_on_real_ptbxl_windows(windows_120):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(4, steps))
     cpu = torch.device("cpu")
 
-    before = validate(model, iter_table_batches(val, 16), num_steps=4, device=cpu)
+    before = validate(model, iter_table_batches(val, 16, model.cfg.input), num_steps=4, device=cpu)
     seen = []
-    done = train_one_epoch(model, iter_table_batches(train, 16, seed=0), optimizer, scheduler, num_steps=steps,
+    done = train_one_epoch(model, iter_table_batches(train, 16, model.cfg.input, seed=0), optimizer, scheduler, num_steps=steps,
                            start_step=0, device=cpu, clip_grad=1.0, on_step=seen.append)
-    after = validate(model, iter_table_batches(val, 16), num_steps=4, device=cpu)
+    after = validate(model, iter_table_batches(val, 16, model.cfg.input), num_steps=4, device=cpu)
 
     assert done == steps and [s.step for s in seen] == list(range(1, steps + 1))
     # The same validation windows and masks (fixed seed) before and after: the model has learnt.
@@ -83,7 +87,7 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(windows_120):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         torch.manual_seed(1)
         seen = []
-        train_one_epoch(model, iter_table_batches(train, batch_size), optimizer, scheduler, num_steps=2,
+        train_one_epoch(model, iter_table_batches(train, batch_size, model.cfg.input), optimizer, scheduler, num_steps=2,
                         start_step=0, device=torch.device("cpu"), accum_steps=accum_steps, on_step=seen.append)
         return [s.loss for s in seen]
 
@@ -120,7 +124,7 @@ def pretrain_config(dataset: Path, tmp_path: Path, **changes) -> PretrainConfig:
 
 
 def checkpoint_state(folder: Path) -> dict:
-    return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    return read_training_state(str(folder))
 
 
 @pytest.mark.timeout(420)
@@ -132,16 +136,23 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
     torch.set_num_threads(1)
     # The last rank dies hard (os._exit, as under an OOM kill) after step 5, only in an attempt that
     # started without a checkpoint. With max_failures=0 the job fails; the re-run must pick it up.
-    cfg = pretrain_config(windows_40, tmp_path, chaos={"exit_after_step": 5})
+    cfg = pretrain_config(windows_40, tmp_path, chaos={"exit_after_step": 5}, checkpoint=dict(every_steps=2,
+                                                                                              num_to_keep=2))
     with pytest.raises(ray.train.TrainingFailedError):
         run(cfg)
 
     run_dir = tmp_path / "runs" / cfg.name
     checkpoints = sorted(run_dir.glob("checkpoint_step*"))
-    assert [c.name for c in checkpoints] == ["checkpoint_step00000003"]
+    assert [c.name for c in checkpoints] == ["checkpoint_step00000002", "checkpoint_step00000004"]
     crashed = checkpoint_state(checkpoints[-1])
-    assert crashed["position"] == {"epoch": 0, "step_in_epoch": 3, "global_step": 3}
-    assert not (run_dir / "encoder.pt").exists()
+    assert crashed["position"] == {"epoch": 0, "step_in_epoch": 4, "global_step": 4}
+    assert not (run_dir / "encoder.safetensors").exists()
+    # The latest checkpoint torn (a half-written file): the re-run falls back to the one before, and says so.
+    latest = checkpoints[-1] / STATE_FILE
+    latest.write_bytes(latest.read_bytes()[:1000])
+    # Other settings under the same run name are refused, unless resumed on purpose.
+    with pytest.raises(ConfigError, match="already exists.*optim.lr: 0.001 -> 0.002.*--resume"):
+        run(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 2e-3})}))
 
     result = run(cfg)  # same name, same storage: resumes; the drill does not fire in a resumed attempt
 
@@ -164,7 +175,9 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
     assert [r.info.run_name for r in runs] == [cfg.name] and result.mlflow_run_id == runs[0].info.run_id
     run_id = result.mlflow_run_id
     assert runs[0].info.status == "FINISHED"
-    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [3]
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [2]
+    assert runs[0].data.tags["resumed_from_checkpoint"].endswith("checkpoint_step00000002")
+    assert runs[0].data.tags["skipped_checkpoints"].endswith("checkpoint_step00000004")
     logged_steps = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert logged_steps == set(range(1, total + 1))  # one history, continued past the crash
     assert len(client.get_metric_history(run_id, "val_loss")) == 2
@@ -181,15 +194,21 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
 
     encoder = load_encoder(result.encoder_path)
     val = read_windows(str(windows_40), columns=MODEL_COLUMNS, filter=pc.field("split") == "val")
-    batch = next(iter_table_batches(val, 4))
+    batch = next(iter_table_batches(val, 4, encoder.cfg.input))
     with torch.no_grad():
         embedding = encoder.embed(batch["x"], batch["lead_mask"])
     assert embedding.shape == (4, SMALL_MODEL["embed_dim"]) and torch.isfinite(embedding).all()
 
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    logged = mlflow.pytorch.load_model(f"runs:/{run_id}/encoder")
-    with torch.no_grad():
-        torch.testing.assert_close(logged.embed(batch["x"], batch["lead_mask"]), embedding)
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/encoder")  # safetensors + model code, no pickle
+    raw = val.slice(0, 4)  # the served model takes raw mV windows and conditions them itself
+    served = logged.predict({"x": decode_signals(raw).astype(np.float32), "lead_mask": decode_masks(raw["lead_mask"])},
+                            params={"fs": 500.0})
+    torch.testing.assert_close(torch.from_numpy(served), embedding, rtol=1e-4, atol=1e-5)
+    (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
+    input_tags = {t.key: t.value for t in dataset_input.tags}
+    assert dataset_input.dataset.source == str(windows_40) or str(windows_40) in dataset_input.dataset.source
+    assert input_tags["sources"] == "ptbxl" and input_tags["rows_train"] == str(train_rows)
 
 
 def test_window_length_mismatch_is_a_config_error_before_any_training(windows_40, tmp_path):
@@ -210,7 +229,11 @@ def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local,
     boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket="pretrain")
     s3 = s3fs.S3FileSystem(**options)
-    s3.put(str(windows_40 / "windows"), "pretrain/dataset/windows", recursive=True)
+    # The same windows committed to an S3 warehouse (catalog: SQL on a local SQLite file, as a stand-in
+    # for a REST or Glue catalog; readers find it through s3://pretrain/dataset/catalog.json).
+    local = read_windows(str(windows_40))
+    write_windows("s3://pretrain/dataset", local, int(local.schema.metadata[b"crema.window_samples"]),
+                  catalog=CatalogConfig(type="sql", uri=f"sqlite:///{tmp_path}/catalog.db"), storage_options=options)
 
     cfg = pretrain_config(windows_40, tmp_path, name="on-s3", epochs=1, storage_path="s3://pretrain/runs",
                           storage_options=options,
@@ -219,12 +242,12 @@ def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local,
     result = run(cfg)
 
     assert result.checkpoint_path.startswith("s3://pretrain/runs/on-s3/checkpoint_step")
-    assert s3.exists(result.checkpoint_path + "/state.pt")
-    assert result.encoder_path == "s3://pretrain/runs/on-s3/encoder.pt"
+    assert s3.exists(result.checkpoint_path + "/" + STATE_FILE)
+    assert result.encoder_path == "s3://pretrain/runs/on-s3/encoder.safetensors"
     with s3.open(result.encoder_path, "rb") as f:
         encoder = load_encoder(f)
     val = read_windows(str(windows_40), columns=MODEL_COLUMNS, filter=pc.field("split") == "val")
-    batch = next(iter_table_batches(val, 2))
+    batch = next(iter_table_batches(val, 2, encoder.cfg.input))
     with torch.no_grad():
         assert encoder.embed(batch["x"], batch["lead_mask"]).shape == (2, SMALL_MODEL["embed_dim"])
     run_info = MlflowClient(cfg.tracking.tracking_uri).get_run(result.mlflow_run_id)
@@ -235,3 +258,43 @@ def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local,
     assert params["storage_options"] == params["data.storage_options"] == "<redacted>"
     config_yaml = mlflow.artifacts.load_text(f"{run_info.info.artifact_uri}/config.yaml")
     assert "<redacted>" in config_yaml and "secret" not in config_yaml and "endpoint_url" not in config_yaml
+
+
+@pytest.mark.timeout(420)
+def test_relative_storage_path_from_another_directory_then_probe_the_printed_encoder(
+        windows_40, windows_120, ray_local, tmp_path, monkeypatch, capsys):
+    """storage_path is resolved once, in the driver: the encoder lands where the job says, not in a Ray
+    worker's own directory, and the next step (a probe, from yet another directory) finds it."""
+    import re
+
+    from crema.stages import probe
+    from crema.stages.pretrain import run
+
+    torch.set_num_threads(1)
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    monkeypatch.chdir(launch)
+    cfg = pretrain_config(windows_40, tmp_path, name="relative", epochs=1, storage_path="rel/runs",
+                          scaling=dict(num_workers=1, cpus_per_worker=1))
+    result = run(cfg)
+    printed = capsys.readouterr().out
+    locations = dict(re.findall(r"^(\w+)\s+→ (\S+)", printed, flags=re.M))
+    assert locations["encoder"] == result.encoder_path == str(launch / "rel/runs/relative/encoder.safetensors")
+    assert locations["checkpoints"] == str(launch / "rel/runs/relative") + "/checkpoint_step*"
+    assert Path(result.encoder_path).is_file() and Path(result.checkpoint_path).is_relative_to(launch / "rel/runs")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    repo = Path(__file__).resolve().parents[2]
+    results = probe.run(repo / "configs/tasks/ptbxl_rhythm.yaml", {
+        # A larger dataset than pretraining's, so that its test split has both classes.
+        "dataset": str(windows_120), "output": str(tmp_path / "downstream"), "n_boot": 20,
+        "classes": ["SR", "NORM"], "tracking.tracking_uri": cfg.tracking.tracking_uri,
+        "encoders": [{"name": "crema", "path": locations["encoder"]}],
+        "probe.epochs": 2, "probe.grace_period": 1, "probe.num_samples": 1, "probe.lr": [1e-2],
+        "probe.weight_decay": [0.0], "probe.batch_size": 64, "embed.num_actors": 1})
+    assert results and {r.encoder for r in results} == {"crema"}
+    for sweep in results:
+        provenance = MlflowClient(cfg.tracking.tracking_uri).get_run(sweep.parent_run_id).data.tags
+        assert provenance["encoder_run_id"] == result.mlflow_run_id  # lineage through the printed path

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from importlib.metadata import EntryPoint, entry_points
 from typing import ClassVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from crema.config import SourceConfig
 from crema.data.signals import RawRecord, RecordRejected
@@ -102,7 +104,17 @@ class Reader(ABC):
             parts.append(part)
         if not parts:
             raise RecordRejected("path_outside_source", f"{relative!r} is not a file under the source")
-        return "/".join([self.root, *parts])
+        path = "/".join([self.root, *parts])
+        if isinstance(self.fs, LocalFileSystem) and not self.source.follow_symlinks:
+            real = os.path.realpath(path)  # a symlink (file or folder) is not followed out of the source
+            if real != self._real_root and not real.startswith(self._real_root + os.sep):
+                raise RecordRejected("path_outside_source",
+                                     f"{relative!r} is a symlink to {real}, outside the source folder")
+        return path
+
+    @functools.cached_property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.root)
 
     def read_bytes(self, path: str) -> bytes:
         """A record file's bytes, refused above MAX_RECORD_BYTES and rejected when missing."""
@@ -119,11 +131,17 @@ class Reader(ABC):
             raise RecordRejected("missing_file", path.rsplit("/", 1)[-1]) from None
 
     def fingerprint(self, record_id: str) -> str:
-        """SHA-256 of the record's signal bytes: equal for byte-identical copies under other names."""
+        """SHA-256 of every file the record is read from (header, map and signal files): any edit to what
+        the record means (a gain, a lead name, the rate, the samples) changes it."""
         digest = hashlib.sha256()
-        for path in self.record_files(record_id):
+        for path in self.identity_files(record_id):
+            digest.update(path.rsplit("/", 1)[-1].encode() + b"\x00")
             digest.update(self.read_bytes(path))
         return digest.hexdigest()
+
+    def identity_files(self, record_id: str) -> list[str]:
+        """The files whose bytes make up what the record means: by default its `record_files`."""
+        return self.record_files(record_id)
 
     def listed_records(self) -> list[str] | None:
         """Record ids from the source's `records` file (RECORDS or a CSV with a `record` column)."""

@@ -48,6 +48,7 @@ FAST_FORMATS = set(INVALID_SAMPLE)
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RX_FS = re.compile(r"(?P<fs>\d+\.?\d*|\.\d+)(?:/(?P<counter>-?\d*\.?\d*))?(?:\((?P<base>-?\d*\.?\d*)\))?")
 _RX_FORMAT = re.compile(r"(?P<fmt>\d+)(?:x(?P<spf>\d+))?(?::(?P<skew>\d+))?(?:\+(?P<offset>\d+))?")
+_RX_DX = re.compile(r"#\s*Dx\s*:\s*(.*)$", re.IGNORECASE)
 _RX_GAIN = re.compile(rf"(?P<gain>{_NUMBER})?(?:\((?P<baseline>-?\d+)\))?(?:/(?P<units>\S*))?")
 
 
@@ -73,6 +74,7 @@ class _Header:
     n_samples: int | None  # None: the record line gives none (then inferred from the first signal file)
     signals: tuple[_Signal, ...]
     segments: tuple[str, ...]  # segment header names of a multi-segment record; empty otherwise
+    dx: tuple[str, ...] = ()  # PhysioNet-Challenge diagnoses: the SNOMED CT codes of a `#Dx:` comment line
 
 
 def _int_field(token: str, what: str) -> int:
@@ -85,6 +87,8 @@ def _int_field(token: str, what: str) -> int:
 def parse_header(text: str) -> _Header:
     """The fields of a WFDB header (record line, signal or segment lines); comments are skipped."""
     lines = [ln.strip() for ln in text.splitlines()]
+    dx = tuple(code.strip() for ln in lines if (m := _RX_DX.match(ln)) for code in m.group(1).split(",")
+               if code.strip())
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise RecordRejected("bad_header", "no record line")
@@ -115,11 +119,11 @@ def parse_header(text: str) -> _Header:
                 raise RecordRejected("bad_header", f"segment line {line[:80]!r}")
             _int_field(fields[1], "segment length")
             segments.append(fields[0])
-        return _Header(n_signals, fs, n_samples, (), tuple(segments))
+        return _Header(n_signals, fs, n_samples, (), tuple(segments), dx)
 
     if n_signals != len(body):
         raise RecordRejected("bad_header", f"{n_signals} signals declared, {len(body)} signal lines")
-    return _Header(n_signals, fs, n_samples, tuple(_parse_signal_line(line) for line in body), ())
+    return _Header(n_signals, fs, n_samples, tuple(_parse_signal_line(line) for line in body), (), dx)
 
 
 def _parse_signal_line(line: str) -> _Signal:
@@ -141,6 +145,8 @@ def _parse_signal_line(line: str) -> _Signal:
             gain = float(g["gain"]) or WFDB_DEFAULT_GAIN  # WFDB: a gain of 0 means the default
             if not math.isfinite(gain):
                 raise RecordRejected("bad_header", f"ADC gain {fields[2]!r} is not finite")
+            if gain < 0:
+                raise RecordRejected("bad_gain", f"ADC gain {fields[2]!r} is negative")
         if g["baseline"] is not None:
             baseline = int(g["baseline"])
         units = g["units"] or WFDB_DEFAULT_UNITS
@@ -237,6 +243,11 @@ class WfdbReader(Reader):
         """The signal files, not the header: the header names the record, so a renamed copy of the
         same recording would fingerprint differently if it were included."""
         return self._named_files(record_id, self._header(record_id))[1]
+
+    def identity_files(self, record_id: str) -> list[str]:
+        """The header (gains, units, lead names, rate, Challenge labels) and every file it names."""
+        segment_headers, signal_files = self._named_files(record_id, self._header(record_id))
+        return [self.path_of(record_id + ".hea"), *segment_headers, *signal_files]
 
     def read(self, record_id: str) -> RawRecord:
         """The record of one header and its signal files."""
@@ -374,8 +385,10 @@ class WfdbReader(Reader):
             fs=float(fs),
             channel_names=names,
             units=units,
-            # Header comments stay out: they hold ages, dates and sometimes names.
-            meta={"fmt": ",".join(fmts), "n_samples_declared": header.n_samples, "decoder": decoder},
+            # Header comments stay out (they hold ages, dates and sometimes names), except the Challenge's
+            # `#Dx:` diagnosis codes (SNOMED CT).
+            meta={"fmt": ",".join(fmts), "n_samples_declared": header.n_samples, "decoder": decoder,
+                  **({"labels": list(header.dx)} if header.dx else {})},
         )
 
     # ------------------------------------------------------------------------------ wfdb fallback

@@ -1,0 +1,182 @@
+"""Weights are safetensors, never unpickled: a crafted checkpoint or encoder (a pickle that would run code)
+is refused with a clear error and runs nothing; a corrupt latest checkpoint falls back to the previous one;
+the encoder logged to MLflow is a pyfunc with a signature that serves embeddings; run names are identifiers;
+a dead tracking server fails at once, naming its URI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from crema.config import ModelConfig, PretrainConfig
+from crema.model.network import CREMA, SiTEncoder
+from crema.train.artifacts import load_encoder, save_encoder
+from crema.train.checkpoint import (STATE_FILE, CheckpointError, Position, load_newest_loadable,
+                                    load_training_state, save_training_state)
+from crema.train.safe_files import UnsafeArtifactError
+
+SMALL = dict(size="tiny", window_samples=500, patch_size=50, embed_dim=32, depth=1, num_heads=2,
+             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+class RunsCode:
+    """Unpickling this creates the marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def training_objects(seed: int = 0):
+    torch.manual_seed(seed)
+    model = CREMA(ModelConfig(**SMALL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    return model, optimizer, scheduler
+
+
+def one_step(model, optimizer, scheduler):
+    x = torch.randn(4, 12, 500)
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    scheduler.step()
+    return x, mask
+
+
+def test_training_state_round_trips_without_pickle(tmp_path):
+    model, optimizer, scheduler = training_objects()
+    one_step(model, optimizer, scheduler)
+    save_training_state(str(tmp_path), model, optimizer, scheduler, Position(1, 2, 3))
+    assert (tmp_path / STATE_FILE).read_bytes()[8:9] == b"{"  # a JSON header: safetensors
+
+    fresh = training_objects(seed=1)
+    assert load_training_state(str(tmp_path), *fresh) == Position(1, 2, 3)
+    for p, q in zip(model.state_dict().values(), fresh[0].state_dict().values()):
+        assert torch.equal(p, q)
+    a, b = optimizer.state_dict(), fresh[1].state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["param_groups"][0]["betas"] == (0.9, 0.95)
+    for key in a["state"]:
+        for name, value in a["state"][key].items():
+            assert torch.equal(value, b["state"][key][name])
+    assert scheduler.state_dict() == fresh[2].state_dict()
+
+
+@pytest.mark.parametrize("name", [STATE_FILE, "state.pt"])
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, name):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "checkpoint_step00000004"
+    folder.mkdir()
+    torch.save({"model": RunsCode(marker)}, folder / name)  # a torch.save zip whose pickle runs a command
+    with pytest.raises(CheckpointError, match="never") as err:
+        load_training_state(str(folder), *training_objects())
+    assert "safetensors" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_raw_pickle_encoder_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(UnsafeArtifactError, match="a Python pickle.*never unpickles"):
+        load_encoder(path)
+    torch.save({"config": {}, "state_dict": RunsCode(marker)}, path)
+    with pytest.raises(UnsafeArtifactError, match="torch.save zip"):
+        load_encoder(path)
+    assert not marker.exists()
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path, caplog):
+    model, optimizer, scheduler = training_objects()
+    folders = []
+    for step in (2, 4):
+        one_step(model, optimizer, scheduler)
+        folder = tmp_path / f"checkpoint_step{step:08d}"
+        folder.mkdir()
+        save_training_state(str(folder), model, optimizer, scheduler, Position(0, step, step))
+        folders.append(str(folder))
+    latest = tmp_path / "checkpoint_step00000004" / STATE_FILE
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # torn write
+
+    logger = logging.getLogger("crema.train.checkpoint")
+    logger.addHandler(caplog.handler)  # crema's own handler does not propagate to the root logger
+    try:
+        position, used, skipped = load_newest_loadable(reversed(folders), *training_objects(seed=1))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert position == Position(0, 2, 2) and used == folders[0]
+    assert len(skipped) == 1 and "checkpoint_step00000004" in skipped[0] and "corrupt" in skipped[0]
+    assert "cannot be restored, trying the previous one" in caplog.text
+
+    (tmp_path / "checkpoint_step00000002" / STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no checkpoint could be restored"):
+        load_newest_loadable(reversed(folders), *training_objects())
+
+
+def test_encoder_artifact_round_trips_and_serves_as_an_mlflow_pyfunc(tmp_path):
+    from crema import tracking
+
+    torch.manual_seed(0)
+    encoder = SiTEncoder(ModelConfig(**SMALL)).eval()
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(encoder, path)
+    x = torch.randn(3, 12, 500)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    with torch.no_grad():
+        assert torch.equal(load_encoder(path).embed(x, mask), encoder.embed(x, mask))
+        # What the served model does: raw mV windows conditioned as in pretraining, then embedded.
+        conditioned = x
+        if getattr(encoder.cfg, "input", None) is not None:
+            from crema.data.conditioning import condition
+
+            conditioned = torch.from_numpy(condition(x.numpy(), mask.numpy(), 250.0, encoder.cfg.input))
+        expected = encoder.embed(conditioned, mask)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=tracking.ensure_experiment("pyfunc-test", uri))
+    with mlflow.start_run():
+        info = tracking.log_encoder_model(path, window_samples=500, embed_dim=32)
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    got = model.predict({"x": x.numpy(), "lead_mask": mask.numpy()}, params={"fs": 250.0})
+    assert got.shape == (3, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+    signature = model.metadata.signature
+    assert [s.name for s in signature.inputs.inputs] == ["x", "lead_mask"]
+    assert signature.outputs.inputs[0].shape == (-1, 32)
+    local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model"))
+    assert "crema==" in open(os.path.join(local, "requirements.txt")).read()
+    # No pickle anywhere in the logged model: code as a .py file, weights as safetensors.
+    files = [os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs]
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".pickle"))], files
+    assert any(f.endswith("encoder.safetensors") for f in files), files
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "a..b", "-x", ""])
+def test_a_run_name_is_an_identifier(name, tmp_path):
+    with pytest.raises(ValueError):
+        PretrainConfig.model_validate({"name": name, "storage_path": str(tmp_path), "data": {"dataset": "d"}})
+
+
+def test_an_unreachable_tracking_server_fails_within_seconds_naming_it():
+    from crema import tracking
+    from tests.conftest import free_port
+
+    uri = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        tracking.check_reachable(uri, timeout_s=2)
+    assert time.monotonic() - started < 10
+    assert f"http://user:***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in str(err.value)
+    assert "s3cret" not in str(err.value)
