@@ -271,9 +271,9 @@ class SweepInputs:
         return f"{self.method}-{self.task.name}-{self.spec.name}-f{self.fraction:g}"
 
 
-def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dict, int]]) -> SweepResult:
-    """A method without trials to schedule (the converged linear probe): `fit()` -> (scores, chosen settings,
-    fits tried), logged and evaluated on test exactly as a sweep's best trial is."""
+@contextmanager
+def _parent_run(inputs: SweepInputs) -> Iterator[TrialContext]:
+    """The method's MLflow parent run (evaluability checked first), active inside the block."""
     task = inputs.task
     check_evaluable(task, inputs.val, inputs.test)
     tracking_uri = tracking.resolve_tracking_uri(task.tracking.tracking_uri)
@@ -282,31 +282,32 @@ def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dic
     with tracking.sweep_run(tracking_uri, experiment_id, inputs.run_name,
                             {**tags, **run_tags(task.dataset, task.storage_options)},
                             _sweep_params(inputs), tracking.redact(task.model_dump(mode="json"))) as parent_run_id:
+        yield TrialContext(tracking_uri, experiment_id, parent_run_id, tags)
+
+
+def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dict, int]]) -> SweepResult:
+    """A method without trials to schedule (the converged linear probe): `fit()` -> (scores, chosen settings,
+    fits tried), logged and evaluated on test exactly as a sweep's best trial is."""
+    with _parent_run(inputs) as context:
         scores, chosen, n_fits = fit()
         tracking.record_best_trial("", None, chosen)
-        val_auroc, results = log_test_evaluation(task, inputs.val, inputs.test, scores)
-    return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, parent_run_id, parent_run_id,
-                       chosen, val_auroc, results, n_fits, None, tags)
+        val_auroc, results = log_test_evaluation(inputs.task, inputs.val, inputs.test, scores)
+    return SweepResult(inputs.task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
+                       context.parent_run_id, chosen, val_auroc, results, n_fits, None, context.tags)
 
 
 def run_sweep(inputs: SweepInputs) -> SweepResult:
     """One sweep under its MLflow parent run: Tune over the hyperparameters, then the best trial on test."""
     task = inputs.task
-    check_evaluable(task, inputs.val, inputs.test)
-    tracking_uri = tracking.resolve_tracking_uri(task.tracking.tracking_uri)
-    experiment_id = tracking.ensure_experiment(task.tracking.experiment, tracking_uri)
-    tags = _sweep_tags(inputs, tracking_uri)
-    with tracking.sweep_run(tracking_uri, experiment_id, inputs.run_name,
-                            {**tags, **run_tags(task.dataset, task.storage_options)},
-                            _sweep_params(inputs), tracking.redact(task.model_dump(mode="json"))) as parent_run_id:
-        context = TrialContext(tracking_uri, experiment_id, parent_run_id, tags)
+    with _parent_run(inputs) as context:
         grid = _run_trials(inputs, context)
         best = grid.get_best_result(METRIC, "max", scope="all")
         best_run_id = _close_trial_runs(context, grid, best, inputs.sweep.epochs)
         best_config = {k: best.config[k] for k in inputs.hyperparameters}
         tracking.record_best_trial(best.metrics["trial_id"], best_run_id, best_config)
-        scores = inputs.score_best(best, tags)
+        scores = inputs.score_best(best, context.tags)
         val_auroc, results = log_test_evaluation(task, inputs.val, inputs.test, scores)
+    parent_run_id, tags = context.parent_run_id, context.tags
     return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, parent_run_id, best_run_id,
                        best_config, val_auroc, results, len(grid), scores.model_uri, tags)
 
