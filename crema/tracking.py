@@ -6,7 +6,9 @@ so a rename cannot silently break one side.
 
 A stage's MLflow run is named after its Ray run (``RunConfig(name=...)``). Re-running a job with
 the same name looks that run up and continues it, so a resumed job adds to one history instead
-of scattering it over several runs.
+of scattering it over several runs. Only a job that resumes Ray's checkpoint state does: one that starts
+from step 0 again (its run folder deleted) opens a new run, tagged ``crema.replaces_run`` with the old
+run's id, rather than logging its steps a second time into the old history.
 
 A sweep (probe, fine-tune) leaves a parent run (``crema.kind=sweep``; tags task, method, encoder,
 label_fraction, sources; the test metrics) and one nested run per trial (``crema.kind=trial``), which the
@@ -39,7 +41,6 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from torch import nn
 
 from crema.config import ConfigError, EncoderSpec
 from crema.data.catalog import dataset_sources, dataset_version
@@ -65,6 +66,7 @@ TAG_TEST_SOURCES = "test_sources"
 TAG_TRIAL_ID = "ray_trial_id"
 TAG_BEST_TRIAL = "best_trial"
 TAG_STOPPED_EARLY = "stopped_early"
+TAG_REPLACES_RUN = "crema.replaces_run"  # on a run that restarted a job from scratch: the earlier run of its name
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"
 # Metrics
 METRIC_VAL_AUROC = "val_macro_auroc"  # what trials are compared on
@@ -203,15 +205,21 @@ def ensure_experiment(experiment: str, tracking_uri: str) -> str:
         return client.get_experiment_by_name(experiment).experiment_id
 
 
-def start_or_resume_run(run_name: str, experiment: str, tracking_uri: str) -> tuple[mlflow.ActiveRun, bool]:
-    """Make the run called `run_name` the active one, creating it if new. Returns (run, resumed)."""
+def start_or_resume_run(run_name: str, experiment: str, tracking_uri: str,
+                        replaces_run_id: str | None = None) -> tuple[mlflow.ActiveRun, bool]:
+    """Make the run called `run_name` the active one, creating it if new. Returns (run, resumed).
+
+    `replaces_run_id`: the job starts from scratch although a run of this name exists (that run's id, found by
+    the driver). That run is never continued: a new one is created, tagged TAG_REPLACES_RUN with its id; a
+    later attempt of the same job (a worker restarted by Ray) finds and continues the new one.
+    """
     apply_credentials_file()  # in a Ray worker: its own process, its own environment
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment_id=ensure_experiment(experiment, tracking_uri))
     existing = find_run(run_name, experiment, tracking_uri)
-    if existing is not None:
+    if existing is not None and existing.info.run_id != replaces_run_id:
         return mlflow.start_run(run_id=existing.info.run_id), True
-    return mlflow.start_run(run_name=run_name), False
+    return mlflow.start_run(run_name=run_name, tags={TAG_REPLACES_RUN: replaces_run_id} if replaces_run_id else None), False
 
 
 def log_new_params(params: Mapping[str, str]) -> None:
@@ -234,11 +242,12 @@ def git_commit(repo_dir: str | Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def dataset_tags(dataset: str, storage_options: dict | None = None) -> dict[str, str]:
+def dataset_tags(dataset: str, storage_options: dict | None = None, version: str | None = None) -> dict[str, str]:
     """Identify the training data: its URI, its version (the Iceberg snapshot id of its `windows` table,
-    :func:`crema.data.catalog.dataset_version`: the exact rows read) and its sources."""
+    :func:`crema.data.catalog.dataset_version`: the exact rows read) and its sources. `version`: the one the
+    stage resolved once at its start and reads every time (None: the current one, resolved here)."""
     tags: dict[str, str] = {"dataset": dataset}
-    version = dataset_version(dataset, storage_options)
+    version = version or dataset_version(dataset, storage_options)
     if version:
         tags[TAG_DATASET_VERSION] = version
     tags["dataset_sources"] = ",".join(dataset_sources(dataset, storage_options))
@@ -310,13 +319,6 @@ def log_metric(key: str, value: float, step: int) -> None:
     mlflow.log_metric(key, value, step=step)
 
 
-def _log_pytorch_model(model: nn.Module, name: str, **kwargs):
-    # Pickled rather than a traced pt2 graph: users call the encoder's `embed`, not only `forward`, and
-    # MLflow 3's default (torch.export) cannot trace the encoder's data-dependent attention mask.
-    return mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], **kwargs)
-
-
 # The encoder as an MLflow pyfunc model, "models from code": this file (not a pickle) is the model's code;
 # the weights are the safetensors artifact, loaded without unpickling anything.
 ENCODER_PYFUNC_CODE = '''"""CREMA encoder as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12) bool},
@@ -359,8 +361,54 @@ mlflow.models.set_model(CremaEncoder())
 '''
 
 
+# The fine-tuned classifier the same way: this code, and the weights as the safetensors artifact of
+# crema.train.artifacts.save_classifier (encoder + head, the encoder's config and the class names in its metadata).
+CLASSIFIER_PYFUNC_CODE = '''"""CREMA fine-tuned classifier as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12)
+bool}, params={"fs": 500}) returns a DataFrame of the (n, C) class probabilities (sigmoid of the head's logits), one
+column per class, named by the task's classes. The raw mV windows are conditioned (filters, scaling) as the
+encoder's pretraining and the fine-tuning did, from the config in the artifact."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class CremaClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from crema.train.artifacts import load_classifier
+
+        self.model, self.classes = load_classifier(context.artifacts["classifier"])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if hasattr(model_input, "columns"):  # a DataFrame of one row per window
+            model_input = {k: np.stack(model_input[k].to_numpy()) for k in ("x", "lead_mask")}
+        params = params or {}
+        x = np.asarray(model_input["x"], dtype=np.float32)
+        mask = np.asarray(model_input["lead_mask"], dtype=bool)
+        conditioning = getattr(self.model.encoder.cfg, "input", None)
+        if conditioning is not None:
+            from crema.data.conditioning import condition
+
+            x = condition(x, mask, float(params.get("fs", 500.0)), conditioning)
+        x, lead_mask = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(mask)
+        batch = int(params.get("batch_size", 256))
+        out = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch):
+                logits = self.model(x[start:start + batch], lead_mask[start:start + batch])
+                out.append(torch.sigmoid(logits.float()))
+        probabilities = torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        return pd.DataFrame(probabilities, columns=list(self.classes))
+
+
+mlflow.models.set_model(CremaClassifier())
+'''
+
+
 def _requirements() -> list[str]:
-    """What serving the encoder needs: this project (reads the artifact, builds the encoder) and torch."""
+    """What serving the encoder or the classifier needs: this project (reads the artifact, builds the encoder) and torch."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -396,9 +444,10 @@ def log_encoder_model(encoder_file: str | Path, window_samples: int, embed_dim: 
 
 def open_training_run(run_name: str, experiment: str, tracking_uri: str, public_config: dict,
                       tags: Mapping[str, str], resumed_from_step: int | None,
-                      dataset_rows: Mapping[str, int] | None = None) -> None:
-    """Start (or resume) a pretraining run: its params, tags, dataset input and, once, its config as an artifact."""
-    _, resumed = start_or_resume_run(run_name, experiment, tracking_uri)
+                      dataset_rows: Mapping[str, int] | None = None, replaces_run_id: str | None = None) -> None:
+    """Start (or resume) a pretraining run: its params, tags, dataset input and, once, its config as an artifact.
+    `replaces_run_id`: see :func:`start_or_resume_run`."""
+    _, resumed = start_or_resume_run(run_name, experiment, tracking_uri, replaces_run_id)
     log_new_params(flatten_params(public_config))
     mlflow.set_tags(dict(tags))
     if dataset_rows is not None and "dataset" in tags:
@@ -535,11 +584,28 @@ def log_test_evaluation(val_auroc: float, results: Mapping[str, float], roc_figu
         mlflow.log_artifact(str(path), "predictions")
 
 
-def log_classifier(model: nn.Module, params: Mapping[str, object], provenance: Mapping[str, str],
-                   register_model: str | None) -> str:
-    """Log (and register, if `register_model` names a model) a fine-tuned classifier to the active run."""
-    info = _log_pytorch_model(model, "model", registered_model_name=register_model, params=dict(params),
-                              tags=dict(provenance))
+def log_classifier(classifier_file: str | Path, window_samples: int, classes: list[str],
+                   params: Mapping[str, object], provenance: Mapping[str, str], register_model: str | None) -> str:
+    """Log (and register, if `register_model` names a model) a fine-tuned classifier to the active run as the
+    pyfunc model "model", no pickle in it: the safetensors file of :func:`crema.train.artifacts.save_classifier`
+    and :data:`CLASSIFIER_PYFUNC_CODE`. Signature: inputs ``x`` (n, 12, window_samples) float32 raw mV and
+    ``lead_mask`` (n, 12) bool, params ``fs`` and ``batch_size``, output one float32 probability column per class
+    (named by `classes`). Returns the model's URI."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 12, window_samples), "x"),
+                       TensorSpec(np.dtype(np.bool_), (-1, 12), "lead_mask")]),
+        outputs=Schema([ColSpec("float", name) for name in classes]),
+        params=ParamSchema([ParamSpec("fs", "double", 500.0), ParamSpec("batch_size", "long", 256)]))
+    with tempfile.TemporaryDirectory() as folder:
+        code = Path(folder) / "crema_classifier_model.py"
+        code.write_text(CLASSIFIER_PYFUNC_CODE)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code),
+                                       artifacts={"classifier": str(classifier_file)}, signature=signature,
+                                       pip_requirements=_requirements(), registered_model_name=register_model,
+                                       params={k: str(v) for k, v in params.items()}, tags=dict(provenance))
     if register_model:
         client = MlflowClient()
         for key, value in provenance.items():

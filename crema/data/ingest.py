@@ -12,7 +12,10 @@ imports Ray: each step is a function of Arrow tables, testable on its own.
 4. **window** (tasks): read, validate, normalise and window each changed record, written as data files
    of the Iceberg `windows` table (:func:`write_window_files`) that only the driver's one commit makes
    visible (:func:`crema.data.catalog.commit_run`);
-5. **de-duplicate** (driver, :func:`mark_duplicates`): among valid records only, on the canonical signal.
+5. **de-duplicate** (driver, :func:`mark_duplicates`): among valid records only, on the canonical signal,
+   across sources too; copies are dropped, or (``drop_duplicates: false``) kept with their patients joined
+   to their twins' (:func:`join_patients`), the written files rewritten accordingly
+   (:func:`crema.data.catalog.rewrite_records`).
 
 The manifest (one row per discovered record: ``ok`` / ``rejected`` / ``duplicate``) is committed with
 the windows. Reject reasons are short stable codes; nothing escapes as a crash.
@@ -20,6 +23,7 @@ the windows. Reject reasons are short stable codes; nothing escapes as a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -35,8 +39,9 @@ from crema.config import ConfigError, IngestConfig, SourceConfig
 from crema.data.catalog import read_manifest, write_data_files
 from crema.data.labels import LabelIndex, pseudonymise
 from crema.data.readers import Reader, reader_for
-from crema.data.schema import MANIFEST_SCHEMA, window_schema
-from crema.data.signals import N_LEADS, RecordRejected, to_canonical, windows
+from crema.data.schema import DUPLICATE_DETAIL, JOINED_DETAIL, MANIFEST_SCHEMA, twin_of, window_schema
+from crema.data.signals import (N_LEADS, UNITS_MV, UNITS_NORMALIZED, RecordRejected, is_normalized_unit, to_canonical,
+                                windows)
 
 WORK_SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -70,6 +75,9 @@ class SourceSummary:
     skipped_unchanged: bool = False
     reingested: int | None = None  # records re-read because their fingerprint changed (None: the whole source)
     normalised: int = 0  # ok records whose amplitudes look normalised (z-scored, 1 mV per lead), not mV
+    duplicate_kept: int = 0  # copies of an earlier record kept as ok (drop_duplicates off), their twin in `detail`
+    cross_source_duplicates: int = 0  # copies (dropped or kept) of a record of another source
+    patients_joined: int = 0  # records that took a twin's patient key and split (a kept copy's patient)
     unmatched_label_rows: int = 0
     has_label_table: bool = False
     records_without_labels: int = 0  # by the label table (header labels come on top)
@@ -168,31 +176,33 @@ def _reader(source: SourceConfig, max_record_seconds: float | None = None) -> Re
 
 
 def fingerprint_batch(batch: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str]) -> pa.Table:
-    """The batch with each record's fingerprint appended: what it means, not only its samples — the bytes
-    of its header and signal files, its label-table row (labels, patient, split) and the source settings
-    its windows depend on. A record whose fingerprint changed is re-ingested; a record whose files cannot
-    be read gets a reject reason and detail instead."""
+    """The batch with each record's fingerprint (:func:`record_fingerprint`) and, where its files cannot be
+    read, its reject reason and detail appended."""
     readers = {name: _reader(source) for name, source in sources.items()}  # once per batch, not per record
-    prints, reasons, details = [], [], []
-    for source, path_id, patient, labels, split in zip(*(batch[c].to_pylist() for c in
-                                                         ("source", "path_id", "patient_key", "labels", "split"))):
-        try:
-            files = readers[source].fingerprint(path_id)
-            reasons.append(None)
-            details.append(None)
-        except RecordRejected as err:
-            files = f"rejected:{err.reason}:{err.detail}"
-            reasons.append(err.reason)
-            details.append(err.detail)
-        except Exception as err:  # a reader bug must cost one record, not the job
-            files = f"rejected:reader_error:{type(err).__name__}: {err}"
-            reasons.append("reader_error")
-            details.append(f"{type(err).__name__}: {err}")
-        blob = json.dumps([files, patient, sorted(labels or []), split, config_hashes[source]])
-        prints.append(hashlib.sha256(blob.encode()).hexdigest()[:32])
+    found = [record_fingerprint(readers[rec["source"]], rec, config_hashes[rec["source"]]) for rec in batch.to_pylist()]
+    prints, reasons, details = zip(*found) if found else ((), (), ())
     return batch.append_column("fingerprint", pa.array(prints, pa.string())) \
         .append_column("reason", pa.array(reasons, pa.string())) \
         .append_column("detail", pa.array(details, pa.string()))
+
+
+def record_fingerprint(reader: Reader, rec: dict, config_hash: str) -> tuple[str, str | None, str | None]:
+    """(fingerprint, reject reason, detail) of a planned record: what it means, not only its samples — the
+    bytes of its header and signal files, its label-table row (labels, patient, split) and the source
+    settings its windows depend on. A record whose fingerprint changed is re-ingested; a record whose
+    files cannot be read gets a reject reason (and a fingerprint of it, so that mending the file counts
+    as a change)."""
+    reason = detail = None
+    try:
+        files = reader.fingerprint(rec["path_id"])
+    except RecordRejected as err:
+        reason, detail = err.reason, err.detail
+    except Exception as err:  # a reader bug must cost one record, not the job
+        reason, detail = "reader_error", f"{type(err).__name__}: {err}"
+    if reason is not None:
+        files = f"rejected:{reason}:{detail}"
+    blob = json.dumps([files, rec["patient_key"], sorted(rec["labels"] or []), rec["split"], config_hash])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32], reason, detail
 
 
 # ---------------------------------------------------------------------------------------- decide
@@ -258,33 +268,100 @@ def plan_changes(fingerprinted: pa.Table, previous: pa.Table | None, force: set[
     return Changes(pending, settled, replace, unchanged, kept)
 
 
-def mark_duplicates(windowed: pa.Table, kept: pa.Table | None, source_order: list[str], drop: bool) -> tuple[pa.Table, set]:
+def mark_duplicates(windowed: pa.Table, kept: pa.Table | None, source_order: list[str],
+                    drop: bool) -> tuple[pa.Table, set, list]:
     """De-duplicate among *valid* records only, on the canonical signal (after units and resampling): a
     broken copy is rejected with its reason whatever its name, and can never take a good record's place.
     Committed records that stay win, then the first in source order and record id; later copies are
-    `duplicate` (or, with `drop` off, kept with their twin named in `detail`). Returns the manifest rows
-    and the (source, record_id) keys whose windows must not be committed."""
-    seen: dict[str, str] = {}
+    `duplicate` (or, with `drop` off, kept with their twin named in `detail`). Returns the manifest rows,
+    the (source, record_id) keys whose windows must not be committed, and the kept copies as
+    [(twin key, copy key)], whose patients :func:`join_patients` joins."""
+    seen: dict[str, tuple[str, str]] = {}
     if kept is not None:
         ok = kept.filter(pc.equal(kept["status"], "ok"))
         for s, r, h in zip(*(ok[c].to_pylist() for c in ("source", "record_id", "content_hash"))):
             if h:
-                seen.setdefault(h, f"{s}/{r}")
+                seen.setdefault(h, (s, r))
     rank = {name: i for i, name in enumerate(source_order)}
     rows = windowed.to_pylist()
-    dropped = set()
+    dropped, pairs = set(), []
     for row in sorted(rows, key=lambda r: (rank.get(r["source"], len(rank)), r["record_id"])):
         if row["status"] != "ok" or not row["content_hash"]:
             continue
         twin = seen.get(row["content_hash"])
         if twin is None:
-            seen[row["content_hash"]] = f"{row['source']}/{row['record_id']}"
+            seen[row["content_hash"]] = (row["source"], row["record_id"])
         elif drop:
-            row.update(status="duplicate", reason="duplicate_content", detail=f"same signal as {twin}", n_windows=0)
+            row.update(status="duplicate", reason="duplicate_content", detail=f"{DUPLICATE_DETAIL}{twin[0]}/{twin[1]}",
+                       n_windows=0)
             dropped.add((row["source"], row["record_id"]))
         else:
-            row["detail"] = f"same signal as {twin}"
-    return pa.Table.from_pylist(rows, schema=windowed.schema), dropped
+            row["detail"] = f"{DUPLICATE_DETAIL}{twin[0]}/{twin[1]}"
+            pairs.append((twin, (row["source"], row["record_id"])))
+    return pa.Table.from_pylist(rows, schema=windowed.schema), dropped, pairs
+
+
+def join_patients(manifest: pa.Table, pairs: list, records: pa.Table, committed: dict,
+                  source_order: list[str]) -> tuple[pa.Table, dict]:
+    """Join the patients of kept copies (union of patient keys over the duplicate pairs): one recording is
+    one patient's, so every record of this run whose patient key is joined takes the patient key and split
+    of the group's first copy (committed records first, then source order and record id), and no recording,
+    nor any other record of its patients, sits in two splits.
+
+    `records`: this run's records (source, record_id, patient_key, split); `committed`: {(source,
+    record_id): (patient_key, split)} of committed twins. Returns the manifest rows (a joined record's
+    `detail` says so) and {(source, record_id): (patient_key, split)} of the records to re-key."""
+    if not pairs:
+        return manifest, {}
+    mine = {(s, r): (p, sp) for s, r, p, sp in
+            zip(*(records[c].to_pylist() for c in ("source", "record_id", "patient_key", "split")))}
+    identity = {**committed, **mine}
+    rank = {name: i for i, name in enumerate(source_order)}
+
+    def order(key: tuple[str, str]) -> tuple:
+        return (key in mine, rank.get(key[0], len(rank)), key[1])
+
+    parent: dict[str, str] = {}
+
+    def root(patient: str) -> str:
+        while parent.setdefault(patient, patient) != patient:
+            parent[patient] = parent[parent[patient]]
+            patient = parent[patient]
+        return patient
+
+    first: dict[str, tuple[str, str]] = {}  # patient key -> its earliest record among the pairs
+    for twin, copy in pairs:
+        if twin not in identity or copy not in identity:
+            continue  # a committed twin whose windows are gone: nothing to join to
+        for key in (twin, copy):
+            patient = identity[key][0]
+            if patient not in first or order(key) < order(first[patient]):
+                first[patient] = key
+        a, b = root(identity[twin][0]), root(identity[copy][0])
+        if a != b:
+            parent[b] = a
+    earliest: dict[str, tuple[str, str]] = {}
+    for patient, key in first.items():
+        group = root(patient)
+        if group not in earliest or order(key) < order(earliest[group]):
+            earliest[group] = key
+    rekeyed = {}
+    for key, (patient, split) in mine.items():
+        if patient not in first:
+            continue
+        lead = earliest[root(patient)]
+        if identity[lead][0] != patient:
+            rekeyed[key] = identity[lead]
+    if not rekeyed:
+        return manifest, {}
+    rows = manifest.to_pylist()
+    for row in rows:
+        key = (row["source"], row["record_id"])
+        if key in rekeyed and row["status"] == "ok":
+            lead = earliest[root(mine[key][0])]
+            note = f"{JOINED_DETAIL}{lead[0]}/{lead[1]}"
+            row["detail"] = f"{row['detail']}; {note}" if row["detail"] else note
+    return pa.Table.from_pylist(rows, schema=manifest.schema), rekeyed
 
 
 def config_fingerprint(source: SourceConfig, cfg: IngestConfig) -> str:
@@ -297,10 +374,13 @@ def config_fingerprint(source: SourceConfig, cfg: IngestConfig) -> str:
 
 # ---------------------------------------------------------------------------------------- window
 
-def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig) -> pa.Table:
-    """Read, normalise and window a batch of records: one row per window, one row per rejected record."""
+def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig,
+                 config_hashes: dict[str, str]) -> pa.Table:
+    """Read, normalise and window a batch of records: one row per window, one row per rejected record.
+    A record without a fingerprint yet (a new or forced source skips the fingerprint pass: every record
+    is read anyway) is fingerprinted here from the same bytes its decoder reads."""
     length = cfg.window_samples
-    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    storage_dtype = np.dtype("<f2" if cfg.dtype == "float16" else "<f4")  # little-endian, as the column is read
     columns: dict[str, list] = {name: [] for name in _pass_schema(cfg).names}
     signals: list[np.ndarray] = []
 
@@ -324,19 +404,24 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
         columns["flags"].append(flags)
         for name in ("source_fs", "duration_s", "lead_amplitude_mv", "lead_noise_mv"):
             columns[name].append(stats.get(name))
-        signals.append(window.signal.astype("<" + np.dtype(dtype).str[1:]).reshape(-1) if window
-                       else np.zeros(N_LEADS * length, dtype))
+        signals.append(window.signal.reshape(-1) if window else np.zeros(N_LEADS * length, storage_dtype))
 
     readers = {name: _reader(source, cfg.max_record_seconds) for name, source in sources.items()}
     for rec in batch.to_pylist():
-        source = sources[rec["source"]]
+        source, reader = sources[rec["source"]], readers[rec["source"]]
         try:
-            raw = readers[rec["source"]].read(rec["path_id"])
+            with reader.files_read_once():
+                if rec["fingerprint"] is None:
+                    rec["fingerprint"], reason, detail = record_fingerprint(reader, rec, config_hashes[rec["source"]])
+                    if reason is not None:
+                        raise RecordRejected(reason, detail or "")
+                raw = reader.read(rec["path_id"])
             use_header = source.header_labels if source.header_labels is not None else source.labels is None
             if use_header and raw.meta.get("labels"):
                 rec["labels"] = sorted(set(rec["labels"] or ()) | set(raw.meta["labels"]))
             canonical = to_canonical(raw, cfg.normalise_options(source))
-            cut = windows(canonical, cfg.window_s, cfg.stride_s, cfg.pad_short)
+            stored = canonical.signal.astype(storage_dtype)  # once per record, not per window
+            cut = windows(dataclasses.replace(canonical, signal=stored), cfg.window_s, cfg.stride_s, cfg.pad_short)
         except RecordRejected as err:
             add_row(rec, status="rejected", reason=err.reason, detail=err.detail)
             continue
@@ -344,7 +429,7 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
             add_row(rec, status="rejected", reason="unreadable", detail=f"{type(err).__name__}: {err}")
             continue
         masks = (canonical.lead_mask.tolist(), canonical.derived_mask.tolist(), list(canonical.lead_quality))
-        content = canonical_hash(canonical)
+        content = canonical_hash(stored, canonical.lead_mask)
         flags = ",".join(canonical.flags) or None
         stats = record_stats(raw, canonical)
         for w in cut:
@@ -352,7 +437,7 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
                     stats=stats)
 
     schema = _pass_schema(cfg)
-    flat = np.concatenate(signals) if signals else np.zeros(0, dtype)
+    flat = np.concatenate(signals) if signals else np.zeros(0, storage_dtype)
     arrays = []
     for f in schema:
         if f.name == "signal":
@@ -364,11 +449,19 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+STATS_FS = 100
+
+
 def record_stats(raw, canonical) -> dict:
     """What the per-source data-quality report shows of a valid record: rate, duration, and per lead its
     amplitude (1st-99th percentile range, mV) and high-frequency noise (std of the sample diff / √2, mV)."""
     sig = canonical.signal
-    amplitude = np.percentile(sig, 99, axis=1) - np.percentile(sig, 1, axis=1)
+    # Percentiles of a 100 Hz subsample: an ECG's amplitude range needs no finer grid, and the full-rate
+    # sort was a fifth of the window pass.
+    sub = sig[:, ::max(1, canonical.fs // STATS_FS)]
+    ranks = [int(0.01 * (sub.shape[1] - 1)), int(0.99 * (sub.shape[1] - 1))]  # nearest-rank percentiles
+    ordered = np.partition(sub, ranks, axis=1)
+    amplitude = ordered[:, ranks[1]] - ordered[:, ranks[0]]
     noise = np.diff(sig, axis=1).std(axis=1) / np.sqrt(2) if sig.shape[1] > 1 else np.zeros(N_LEADS)
     off = ~np.asarray(canonical.lead_mask, bool)
     amplitude[off], noise[off] = np.nan, np.nan
@@ -377,17 +470,18 @@ def record_stats(raw, canonical) -> dict:
             "lead_noise_mv": [None if np.isnan(v) else float(v) for v in noise]}
 
 
-def canonical_hash(canonical) -> str:
+def canonical_hash(stored: np.ndarray, lead_mask: np.ndarray) -> str:
     """Identity of a valid record's signal as stored: the canonical 12 leads (after units, lead mapping and
-    resampling) and their masks. Copies in other files, formats or sources hash alike."""
-    digest = hashlib.sha256(np.ascontiguousarray(canonical.signal, dtype="<f4").tobytes())
-    digest.update(np.asarray(canonical.lead_mask, bool).tobytes())
+    resampling, in the column's dtype) and their mask. Copies in other files, formats or sources hash alike."""
+    digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes())
+    digest.update(np.asarray(lead_mask, bool).tobytes())
     return digest.hexdigest()[:32]
 
 
 def _pass_schema(cfg: IngestConfig) -> pa.Schema:
     """Window columns (null for a record with no windows) plus the record's manifest fields."""
-    windows_part = [f.with_nullable(True) for f in window_schema(cfg.window_samples, cfg.dtype)]
+    # `units` is the source's, added by :func:`write_window_files`, not read from each record.
+    windows_part = [f.with_nullable(True) for f in window_schema(cfg.window_samples, cfg.dtype) if f.name != "units"]
     return pa.schema(windows_part + [
         pa.field("status", pa.string()), pa.field("reason", pa.string()), pa.field("detail", pa.string()),
         pa.field("n_windows", pa.int32()), pa.field("content_hash", pa.string()), pa.field("fingerprint", pa.string()),
@@ -396,11 +490,22 @@ def _pass_schema(cfg: IngestConfig) -> pa.Schema:
     ])
 
 
-def write_window_files(table: pa.Table, metadata, io, write_uuid: uuid.UUID, task_index: int) -> tuple[list, pa.Table]:
+def source_units(sources: dict[str, SourceConfig] | list[SourceConfig]) -> dict[str, str]:
+    """The `units` column of each source's windows: "normalized" where the source declares `units:
+    normalized` (amplitudes stored as they are), "mV" otherwise (every other unit is converted to mV)."""
+    configs = sources.values() if isinstance(sources, dict) else sources
+    return {s.name: UNITS_NORMALIZED if is_normalized_unit(s.units) else UNITS_MV for s in configs}
+
+
+def write_window_files(table: pa.Table, metadata, io, write_uuid: uuid.UUID, task_index: int,
+                       units: dict[str, str] | None = None) -> tuple[list, pa.Table]:
     """Write a window-pass table's ok windows as data files of the `windows` table (`metadata`, `io`: the
-    table's, as the driver loaded it), committing nothing. Returns ([(DataFile, its records' (source,
-    record_id) keys)], the records' manifest rows): the driver may still drop a duplicate's windows."""
+    table's, as the driver loaded it), committing nothing; `units`: each source's (:func:`source_units`,
+    default mV). Returns ([(DataFile, its records' (source, record_id) keys)], the records' manifest rows):
+    the driver may still drop a duplicate's windows or re-key a kept copy's."""
     ok = table.filter(pc.equal(table["status"], "ok"))
+    ok = ok.append_column("units", pa.array([(units or {}).get(s, UNITS_MV) for s in ok["source"].to_pylist()],
+                                            pa.string()))
     written = []
     groups = sorted(set(zip(ok["source"].to_pylist(), ok["split"].to_pylist())))
     for k, (source, split) in enumerate(groups):
@@ -442,4 +547,10 @@ def summarise(output: str, summaries: dict[str, SourceSummary], manifest: pa.Tab
             counts.reasons[row["reason"]] += 1
         if "normalised_amplitude" in (row.get("flags") or ""):
             counts.normalised += 1
+        twin = twin_of(row.get("detail"))
+        if twin is not None:
+            counts.duplicate_kept += row["status"] == "ok"
+            counts.cross_source_duplicates += twin.split("/", 1)[0] != row["source"]
+        if JOINED_DETAIL in (row.get("detail") or ""):
+            counts.patients_joined += 1
     return IngestSummary(output, list(summaries.values()), seconds)

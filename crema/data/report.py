@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs  # noqa: E402
 from crema.config import IngestConfig, SourceConfig  # noqa: E402
 from crema.data.labels import label_name  # noqa: E402
 from crema.data.readers import reader_for  # noqa: E402
+from crema.data.schema import JOINED_DETAIL, twin_of  # noqa: E402
 from crema.data.signals import LEADS, RecordRejected, to_canonical  # noqa: E402
 
 QUALITY_CODES = ("ok", "derived", "missing", "flat", "saturated", "duplicate")
@@ -54,6 +55,18 @@ def source_report(source: str, manifest: pa.Table, labels: list[list[str]], vers
              _table(["status", "records"], [[s, status.get(s, 0)] for s in ("ok", "rejected", "duplicate")]), ""]
     if reasons:
         parts += ["## Reject reasons", "", _table(["reason", "records"], reasons.most_common()), ""]
+    copies = [(r, s_, twin_of(d), JOINED_DETAIL in (d or "")) for r, s_, d in
+              zip(rows["record_id"].to_pylist(), rows["status"].to_pylist(), rows["detail"].to_pylist())
+              if twin_of(d) is not None]
+    if copies:
+        cross = [c for c in copies if c[2].split("/", 1)[0] != source]
+        kept = sum(1 for c in copies if c[1] == "ok")
+        parts += ["## Duplicates", "",
+                  f"{len(copies)} records hold the same signal as an earlier record: {len(cross)} of another "
+                  f"source's, {len(copies) - len(cross)} of this source's; {kept} kept (drop_duplicates off: a "
+                  f"kept copy's patient takes its twin's patient key and split), {len(copies) - kept} dropped.", "",
+                  _table(["record", "status", "same signal as", "patient joined"],
+                         [[r, st, twin, "yes" if joined else "-"] for r, st, twin, joined in copies[:20]]), ""]
     flags = Counter(f for value in ok["flags"].to_pylist() if value for f in value.split(","))
     if flags:
         parts += ["## Flags", "", _table(["flag", "records"], flags.most_common()), ""]

@@ -45,6 +45,9 @@ def window_schema(window_samples: int, dtype: str = "float16") -> pa.Schema:
         pa.field("split", pa.string(), nullable=False),
         # per lead: ok / derived / missing / flat / saturated / duplicate (only ok and derived are in lead_mask)
         pa.field("lead_quality", pa.list_(pa.string(), N_LEADS), nullable=False),
+        # "mV", or "normalized" for a source declaring `units: normalized` (amplitudes z-scored, not mV);
+        # null in rows written before the column existed (they are mV).
+        pa.field("units", pa.string()),
     ], metadata={"crema.window_samples": str(window_samples), "crema.leads": "I,II,III,aVR,aVL,aVF,V1-V6"})
 
 
@@ -100,6 +103,20 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("lead_amplitude_mv", pa.list_(pa.float32())),  # per lead: 1st-99th percentile range
     pa.field("lead_noise_mv", pa.list_(pa.float32())),  # per lead: high-frequency noise (std of the sample diff / √2)
 ])
+
+
+# A valid record whose canonical signal equals an earlier one's: its manifest `detail` names the twin as
+# "same signal as <source>/<record_id>" (status `duplicate`, or `ok` when copies are kept). A kept copy's
+# patient is joined to its twin's: those records' detail says "patient key and split joined with <twin>".
+DUPLICATE_DETAIL = "same signal as "
+JOINED_DETAIL = "patient key and split joined with "
+
+
+def twin_of(detail: str | None) -> str | None:
+    """The `<source>/<record_id>` a duplicate's manifest detail names, or None for a record that is no copy."""
+    if not detail or not detail.startswith(DUPLICATE_DETAIL):
+        return None
+    return detail[len(DUPLICATE_DETAIL):].split(";", 1)[0].strip()
 
 
 def signal_dtype_of(field: pa.Field) -> str:

@@ -42,7 +42,9 @@ class _IcebergWindows(IcebergDatasource):
 def read_windows_table(dataset_uri: str, storage_options: dict | None, row_filter, columns: list[str],
                        version: str | None = None) -> ray.data.Dataset:
     """The dataset's `windows` table (at `version`, default the current one) as a Ray Dataset, read through
-    its catalog: `row_filter` (a pyiceberg expression on `source` / `split`) prunes partitions unopened."""
+    its catalog: `row_filter` (a pyiceberg expression on `source` / `split`) prunes partitions unopened.
+    A stage resolves its version once at its start (:func:`crema.data.catalog.dataset_version`) and passes
+    it to every read, so that an ingest committing meanwhile changes none of its reads."""
     dataset = open_dataset(dataset_uri, storage_options)
     return ray.data.read_datasource(_IcebergWindows(
         table_identifier=dataset.identifier(WINDOWS), row_filter=row_filter, selected_fields=tuple(columns),
@@ -50,9 +52,10 @@ def read_windows_table(dataset_uri: str, storage_options: dict | None, row_filte
     )).map_batches(to_contract_types, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-def run_tags(dataset: str, storage_options: dict | None) -> dict[str, str]:
-    """Tags every training run carries: the dataset's identity, the code's commit and Ray's version."""
-    tags = dataset_tags(dataset, storage_options)
+def run_tags(dataset: str, storage_options: dict | None, version: str | None = None) -> dict[str, str]:
+    """Tags every training run carries: the dataset's identity (at `version`, the one the stage pinned and
+    reads), the code's commit and Ray's version."""
+    tags = dataset_tags(dataset, storage_options, version)
     # A job submitted without .git (code from the image, or --working-dir without it): the submit
     # wrapper passes the commit in CREMA_GIT_COMMIT.
     commit = git_commit() or os.environ.get(GIT_COMMIT_ENV)

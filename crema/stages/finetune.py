@@ -6,9 +6,10 @@ For each selected encoder and label fraction, a Ray Tune sweep over lr, weight d
 drop path (ASHA on the validation macro AUROC). A trial is a function that fine-tunes encoder + head
 on one device (a GPU per trial when the cluster has them); the task's windows are read once by the
 driver and shared with every trial through Ray's object store. The best trial's best checkpoint is
-scored once on val (thresholds) and test, in a Ray task with a trial's resources, then logged with
-``mlflow.pytorch.log_model`` (and registered if ``finetune.register_model`` names a model), tagged with
-the encoder artifact and the pretraining run it came from.
+scored once on val (thresholds) and test, in a Ray task with a trial's resources, then logged to MLflow as
+a pyfunc model without pickle (safetensors weights + model code, :func:`crema.tracking.log_classifier`; its
+predict gives the class probabilities by class name) and registered if ``finetune.register_model`` names a
+model, tagged with the encoder artifact and the pretraining run it came from.
 
 Exit codes: 0 done; 2 invalid configuration.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from rich.console import Console
 from crema import tracking
 from crema.config import SweepConfig, TaskConfig
 from crema.data.batches import iter_table_batches
+from crema.data.catalog import dataset_version
 from crema.data.schema import read_windows
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes, encoder_from_bytes
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, role_filter,
@@ -37,6 +40,7 @@ from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindow
 from crema.stages.common import init_ray
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, cluster_gpus,
                                 prepare_task, run_sweep, select_encoders, sweep_command, trial_run)
+from crema.train.artifacts import CLASSIFIER_FILE, save_classifier
 from crema.train.engine_finetune import (Classifier, build_optimizer, multilabel_loss, predict, train_one_epoch,
                                          with_drop_path)
 from crema.train.optim import warmup_cosine
@@ -99,29 +103,35 @@ def score_windows(model: Classifier, batch_size: int, precision: str, *tables: p
             for t in tables]
 
 
-def log_classifier(model: Classifier, config: dict, tags: dict[str, str], sweep: SweepConfig) -> str:
-    """Log (and register, if asked) the chosen model to the active run, tagged with the encoder it came from."""
+def log_classifier(model: Classifier, classes: list[str], config: dict, tags: dict[str, str],
+                   sweep: SweepConfig) -> str:
+    """Log (and register, if asked) the chosen model to the active run as safetensors + pyfunc code (no pickle),
+    its outputs named by the task's classes, tagged with the encoder it came from."""
     provenance = {k: v for k, v in tags.items() if k.startswith(tracking.TAG_ENCODER)
                   or k in (tracking.TAG_TASK, tracking.TAG_LABEL_FRACTION)}
-    return tracking.log_classifier(model.cpu().eval(), {k: config[k] for k in HYPERPARAMETERS}, provenance,
-                                   sweep.register_model)
+    model = model.cpu().eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, CLASSIFIER_FILE)
+        save_classifier(model, path, classes)
+        return tracking.log_classifier(path, model.encoder.cfg.window_samples, list(classes),
+                                       {k: config[k] for k in HYPERPARAMETERS}, provenance, sweep.register_model)
 
 
-def score_best_classifier(result, tags: dict[str, str], *, encoder_blob: bytes, num_classes: int,
+def score_best_classifier(result, tags: dict[str, str], *, encoder_blob: bytes, classes: list[str],
                           sweep: SweepConfig, score_task, tables: tuple) -> BestTrialScores:
     """Score val and test with the chosen checkpoint (in a Ray task with a trial's resources), then log it."""
-    model = build_classifier(encoder_blob, result.config["drop_path"], num_classes)
+    model = build_classifier(encoder_blob, result.config["drop_path"], len(classes))
     with result.get_best_checkpoint(METRIC, "max").as_directory() as folder:
         model.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True))
     val_scores, test_scores = ray.get(score_task.remote(model, sweep.batch_size, sweep.precision, *tables))
-    return BestTrialScores(val_scores, test_scores, log_classifier(model, result.config, tags, sweep))
+    return BestTrialScores(val_scores, test_scores, log_classifier(model, classes, result.config, tags, sweep))
 
 
-def read_role_windows(task: TaskConfig) -> dict[str, pa.Table]:
-    """The task's windows (signals and identity) of every role, read once in the driver."""
+def read_role_windows(task: TaskConfig, version: str | None) -> dict[str, pa.Table]:
+    """The task's windows (signals and identity) of every role at dataset `version`, read once in the driver."""
     table = read_windows(task.dataset, columns=[*SIGNAL_COLUMNS, *META_COLUMNS],
                          filter=role_filter(task, "train") | role_filter(task, "val") | role_filter(task, "test"),
-                         storage_options=task.storage_options)
+                         storage_options=task.storage_options, version=version)
     return split_roles(table, task)
 
 
@@ -135,7 +145,8 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     gpus = sweep.gpus_per_trial if sweep.gpus_per_trial is not None else (1.0 if cluster_gpus() else 0.0)
     resources = {"cpu": sweep.cpus_per_trial, "gpu": gpus}
     score_task = ray.remote(score_windows).options(num_cpus=sweep.cpus_per_trial, num_gpus=gpus)
-    roles = read_role_windows(task)
+    version = dataset_version(task.dataset, task.storage_options)  # resolved once: what is read and logged
+    roles = read_role_windows(task, version)
     val = LabelledWindows.from_table(roles["val"], task.classes)
     test = LabelledWindows.from_table(roles["test"], task.classes)
     val_ref, test_ref = ray.put(roles["val"]), ray.put(roles["test"])
@@ -152,8 +163,9 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
                                   val_windows=roles["val"], val=val, sweep=sweep, seed=task.seed),
                 hyperparameters=HYPERPARAMETERS, resources=resources, val=val, test=test,
                 n_train_windows=train.num_rows,
-                score_best=partial(score_best_classifier, encoder_blob=blob, num_classes=len(task.classes), sweep=sweep,
-                                   score_task=score_task, tables=(val_ref, test_ref)))))
+                score_best=partial(score_best_classifier, encoder_blob=blob, classes=list(task.classes), sweep=sweep,
+                                   score_task=score_task, tables=(val_ref, test_ref)),
+                dataset_version=version)))
     return results
 
 

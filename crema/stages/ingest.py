@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated, Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import typer
 from pyiceberg.expressions import In
@@ -39,10 +40,12 @@ from rich.console import Console
 from rich.table import Table
 
 from crema.config import IngestConfig, SourceConfig, load_yaml, parse_overrides, validate
-from crema.data.catalog import (Dataset, Run, begin_run, commit_run, committed_manifest, dataset_version, drop_records,
-                                end_run, ensure_tables, is_disk_full, open_for_ingest, read_windows)
+from crema.data.catalog import (Dataset, Run, begin_run, commit_run, committed_manifest, dataset_version, end_run,
+                                ensure_tables, is_disk_full, open_for_ingest, read_windows, record_identities,
+                                rewrite_records)
 from crema.data.ingest import (IngestFailed, IngestSummary, account_for_lost, config_fingerprint, fingerprint_batch,
-                               mark_duplicates, plan, plan_changes, summarise, window_batch, write_window_files)
+                               join_patients, mark_duplicates, plan, plan_changes, source_units, summarise,
+                               window_batch, write_window_files)
 from crema.data.labels import pseudonym_key
 from crema.data.report import write_reports
 from crema.data.schema import MANIFEST_SCHEMA
@@ -75,13 +78,16 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
     try:
         previous = committed_manifest(dataset)
         config_hashes = {s.name: config_fingerprint(s, cfg) for s in sources}
-        changes = plan_changes(_fingerprint(work, by_name, config_hashes, cfg), previous,
+        changes = plan_changes(_fingerprint(work, by_name, config_hashes, cfg, previous, force), previous,
                                set(names) if force else set())
         if changes.replace:
-            written, windowed = _window_pass(changes.pending, by_name, cfg, dataset, run)
-            windowed, dropped = mark_duplicates(windowed, changes.kept, names, cfg.drop_duplicates)
+            written, windowed = _window_pass(changes.pending, by_name, cfg, config_hashes, dataset, run)
+            windowed, dropped, pairs = mark_duplicates(windowed, changes.kept, names, cfg.drop_duplicates)
+            # Kept copies: their patients joined to their twins' (a committed twin's identity from its windows).
+            windowed, rekeyed = join_patients(windowed, pairs, changes.pending,
+                                              record_identities(dataset, [twin for twin, _ in pairs]), names)
             windows = dataset.windows()
-            data_files = drop_records(written, dropped, windows.metadata, windows.io, run.id)
+            data_files = rewrite_records(written, windows.metadata, windows.io, run.id, dropped, rekeyed)
             manifest_new = pa.concat_tables([windowed, changes.settled.cast(windowed.schema)])
             hashes = pa.array([config_hashes[s] for s in manifest_new["source"].to_pylist()], pa.string())
             commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
@@ -116,24 +122,34 @@ def _max_rejects(source: SourceConfig, cfg: IngestConfig) -> float:
 
 
 def _fingerprint(work: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str],
-                 cfg: IngestConfig) -> pa.Table:
-    """Fingerprints (or reject reasons) of every planned record, sorted by source and record id."""
+                 cfg: IngestConfig, previous: pa.Table | None, force: bool) -> pa.Table:
+    """Fingerprints (or reject reasons) of the planned records of sources with committed records, sorted by
+    source and record id. A new or forced source's records are all re-read anyway: they skip this pass
+    (null fingerprint) and the window pass fingerprints them from the bytes it reads."""
+    known = set() if force or previous is None else set(previous["source"].to_pylist())
+    decide = pc.is_in(work["source"], pa.array(sorted(known), pa.string()))
+    fresh = work.filter(pc.invert(decide))
+    parts = [fresh.append_column("fingerprint", pa.nulls(len(fresh), pa.string()))
+                  .append_column("reason", pa.nulls(len(fresh), pa.string()))
+                  .append_column("detail", pa.nulls(len(fresh), pa.string()))]
+    work = work.filter(decide)
     if len(work):
         refs = _as_dataset(work, cfg.records_per_task * 4).map_batches(
             fingerprint_batch, fn_kwargs={"sources": sources, "config_hashes": config_hashes},
             batch_format="pyarrow", batch_size=None,
         ).to_arrow_refs()
-        work = pa.concat_tables(ray.get(refs))
-    return work.sort_by([("source", "ascending"), ("record_id", "ascending")])
+        parts.extend(ray.get(refs))
+    return pa.concat_tables(parts).sort_by([("source", "ascending"), ("record_id", "ascending")])
 
 
-def _window_pass(pending: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig, dataset: Dataset,
-                 run: Run) -> tuple[list, pa.Table]:
+def _window_pass(pending: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig,
+                 config_hashes: dict[str, str], dataset: Dataset, run: Run) -> tuple[list, pa.Table]:
     """Window the pending records into uncommitted data files; ([(DataFile, its records)], their manifest rows)."""
-    sink = WindowsDatasink(dataset.windows(), run)
+    sink = WindowsDatasink(dataset.windows(), run, source_units(sources))
     if len(pending):
         _as_dataset(pending, cfg.records_per_task).map_batches(
-            window_batch, fn_kwargs={"sources": sources, "cfg": cfg}, batch_format="pyarrow", batch_size=None,
+            window_batch, fn_kwargs={"sources": sources, "cfg": cfg, "config_hashes": config_hashes},
+            batch_format="pyarrow", batch_size=None,
         ).write_datasink(sink)
     written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
         else MANIFEST_SCHEMA.empty_table()
@@ -144,16 +160,17 @@ class WindowsDatasink(Datasink[tuple]):
     """Writes ok windows as data files of the `windows` table (committing nothing); returns each task's
     DataFiles and manifest rows to the driver, which commits them all at once."""
 
-    def __init__(self, windows, run: Run):
+    def __init__(self, windows, run: Run, units: dict[str, str] | None = None):
         self.metadata = windows.metadata  # the table as the driver loaded it: every task writes against it
         self.io = windows.io
         self.write_uuid = run.id
+        self.units = units or {}  # each source's `units` column (source_units)
         self.data_files: list = []
         self.manifest_parts: list[pa.Table] = []
 
     def write(self, blocks: Iterable, ctx) -> tuple[list, pa.Table]:
         table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
-        return write_window_files(table, self.metadata, self.io, self.write_uuid, ctx.task_idx)
+        return write_window_files(table, self.metadata, self.io, self.write_uuid, ctx.task_idx, self.units)
 
     def on_write_complete(self, write_result) -> None:
         returns = [r for r in write_result.write_returns if r is not None]
@@ -163,6 +180,10 @@ class WindowsDatasink(Datasink[tuple]):
 
 def _as_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     """One block per task-sized slice: a single block would run as a single task."""
+    # Ray Data's default reservation holds part of the CPUs back for operators this one-operator pipeline
+    # does not have: on 2 CPUs it ran one task at a time ("backpressured: ResourceBudget"; 8 half-second
+    # tasks took 5.1 s, without the reservation 2.2 s). The setting lives in this driver's DataContext only.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
 
 
@@ -181,6 +202,12 @@ def print_summary(summary: IngestSummary) -> None:
             notes.append(f"{s.reingested} changed records re-ingested, the rest kept")
         if s.normalised:
             notes.append(f"{s.normalised} records look amplitude-normalised, not mV")
+        copies = s.duplicate + s.duplicate_kept
+        if copies:
+            notes.append(f"{copies} copies of other records ({s.cross_source_duplicates} of another source's)"
+                         + (f", {s.duplicate_kept} kept" if s.duplicate_kept else ", dropped"))
+        if s.patients_joined:
+            notes.append(f"{s.patients_joined} records joined to a copy's patient key and split")
         table.add_row(s.name, str(s.discovered), str(s.ok), str(s.rejected), str(s.duplicate), str(s.windows),
                       "; ".join(notes))
     console.print(table)

@@ -12,7 +12,12 @@ its own, so it must not resolve anything itself). Every output location is print
 
 Resuming. Running a job again with the same `name` and `storage_path` continues from its latest
 checkpoint, in the same MLflow run; so does Ray itself after a worker failure, up to `max_failures`
-times. A checkpoint holds the model, optimiser, LR schedule, epoch and the steps done in that epoch.
+times. The MLflow run is continued only when Ray resumes: if the run folder holds no checkpoint state
+(deleted, as Ray suggests for a fresh start, or another `storage_path`), training starts from step 0 in a
+new MLflow run of the same name, tagged `crema.replaces_run` with the earlier run's id (which is left as
+it was), and the job says so; the earlier run's history never gets a second step 1. Other settings under
+a used name are refused without `--resume` either way.
+A checkpoint holds the model, optimiser, LR schedule, epoch and the steps done in that epoch.
 A resumed epoch takes only its remaining steps, from a fresh shuffle of the split: the step count,
 learning-rate schedule and optimiser state continue exactly, but the sample order is not replayed
 (Ray Data's streaming split hands out blocks dynamically, so there is no position to seek back to).
@@ -63,7 +68,7 @@ from rich.console import Console
 from crema import logs, tracking
 from crema.config import ConfigError, InputConditioning, PretrainConfig, load_yaml, parse_overrides
 from crema.data.batches import MODEL_COLUMNS, decode_window_batch
-from crema.data.catalog import windows_dataset
+from crema.data.catalog import dataset_version, windows_dataset
 from crema.evaluation.plots import plot_reconstruction
 from crema.model.network import CREMA
 from crema.stages.common import exit_2_on_config_error, init_ray, read_windows_table, run_tags
@@ -127,6 +132,26 @@ def encoder_uri(cfg: PretrainConfig) -> str:
     return f"{cfg.storage_path.rstrip('/')}/{cfg.name}/{ENCODER_FILE}"
 
 
+# What Ray Train restores a run of the same name from (ray.train.v2's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+RAY_TRAIN_STATE_FILE = "checkpoint_manager_snapshot.json"
+
+
+def has_checkpoint_state(cfg: PretrainConfig) -> bool:
+    """Whether storage_path/<name> holds the Ray Train state that a run of this name resumes from."""
+    fs, path = url_to_fs(f"{cfg.storage_path.rstrip('/')}/{cfg.name}/{RAY_TRAIN_STATE_FILE}",
+                         **(cfg.storage_options or {}))
+    return bool(fs.exists(path))
+
+
+def replaced_mlflow_run(cfg: PretrainConfig, tracking_uri: str) -> str | None:
+    """The id of the MLflow run of this name that a fresh start must not continue: one exists, but the run
+    folder holds no checkpoint state, so training restarts at step 0 (None when the job resumes, or is new)."""
+    if has_checkpoint_state(cfg):
+        return None
+    previous = tracking.find_run(cfg.name, cfg.tracking.experiment, tracking_uri)
+    return previous.info.run_id if previous is not None else None
+
+
 def output_locations(cfg: PretrainConfig, tracking_uri: str) -> dict[str, str]:
     """Everything the job writes, where: printed when it starts."""
     run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
@@ -137,10 +162,10 @@ def output_locations(cfg: PretrainConfig, tracking_uri: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------- driver
 
-def _windows_dataset(cfg: PretrainConfig) -> pads.Dataset:
-    """The current version of the windows table as pyarrow sees it, found through the catalog (for counts,
-    the schema and the fixed val window, read in the driver)."""
-    return windows_dataset(cfg.data.dataset, cfg.data.storage_options)
+def _windows_dataset(cfg: PretrainConfig, version: str | None) -> pads.Dataset:
+    """The windows table at the run's dataset `version` as pyarrow sees it, found through the catalog (for
+    counts, the schema and the fixed val window, read in the driver)."""
+    return windows_dataset(cfg.data.dataset, cfg.data.storage_options, version)
 
 
 def _split_rows(dataset: pads.Dataset, split: str) -> int:
@@ -209,10 +234,14 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     """Train (or resume) the job described by `cfg`; returns where its outputs are.
 
     A run of the same name resumes as long as its settings are the same; with other settings it is a
-    ConfigError unless `resume` (the run then continues with the new settings).
+    ConfigError unless `resume` (the run then continues with the new settings). Its MLflow run is continued only
+    when the run folder's checkpoint state is: without it, a new MLflow run replaces the old one (see the module).
     """
     cfg = resolve_storage(cfg)
-    windows = _windows_dataset(cfg)
+    # One dataset version for the whole run, resolved once here: the counts, the fixed val window, both
+    # splits' reads and the version logged to MLflow, whatever an ingest commits meanwhile.
+    version = dataset_version(cfg.data.dataset, cfg.data.storage_options)
+    windows = _windows_dataset(cfg, version)
     _check_window_length(windows, cfg)
     rows = {"train": _split_rows(windows, "train"), "val": _split_rows(windows, "val")}
     plan = plan_epochs(cfg, rows["train"], rows["val"])
@@ -220,9 +249,16 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     tracking.check_reachable(tracking_uri)
     tracking.check_run_params(cfg.name, cfg.tracking.experiment, tracking_uri,
                               tracking.flatten_params(tracking.redact(cfg.model_dump(mode="json"))), resume)
+    replaces_run_id = replaced_mlflow_run(cfg, tracking_uri)
     for what, where in output_locations(cfg, tracking_uri).items():
         log.info("%s → %s", what, where)
         typer.echo(f"{what:<12} → {where}")  # one unwrapped line each: paths are copied from here
+    if replaces_run_id:
+        note = (f"run folder {cfg.storage_path.rstrip('/')}/{cfg.name} holds no checkpoint state: training starts "
+                f"at step 0 in a new MLflow run (tag {tracking.TAG_REPLACES_RUN}={replaces_run_id}); the earlier "
+                f"MLflow run {replaces_run_id} of this name is left as it was")
+        log.warning(note)
+        typer.echo(note)
     init_ray()
     storage_filesystem, storage_path = storage_target(cfg)
     trainer = TorchTrainer(
@@ -231,10 +267,11 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             "cfg": cfg.model_dump(mode="json"),
             "plan": asdict(plan),
             "tracking_uri": tracking_uri,
-            "tags": run_tags(cfg.data.dataset, cfg.data.storage_options),
+            "tags": run_tags(cfg.data.dataset, cfg.data.storage_options, version),
             "dataset_rows": rows,
             "fixed_val_window": _fixed_val_window(windows, cfg.model.input),
             "log_level": logs.level_name(),
+            "replaces_run_id": replaces_run_id,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -245,7 +282,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": read_split(cfg, "train"), "val": read_split(cfg, "val")},
+        datasets={"train": read_split(cfg, "train", version), "val": read_split(cfg, "val", version)},
     )
     result = trainer.fit()
     mlflow_run = tracking.find_run(cfg.name, cfg.tracking.experiment, tracking_uri)
@@ -273,7 +310,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracking.open_training_run(worker.cfg.name, worker.cfg.tracking.experiment, config["tracking_uri"],
                                    tracking.redact(config["cfg"]), {**config["tags"], **worker.resume_tags},
                                    restored.global_step if restored is not None else None,
-                                   config.get("dataset_rows"))
+                                   config.get("dataset_rows"), config.get("replaces_run_id"))
     on_step = _step_callback(worker, resumed=restored is not None)
     while worker.position.epoch < worker.cfg.epochs:
         _run_epoch(worker, on_step, config["fixed_val_window"])

@@ -138,7 +138,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     task = prepare_task(task, overrides)
     specs = select_encoders(task, "probe", encoders)
     init_ray()
-    tags = dataset_tags(task.dataset, task.storage_options)
+    tags = dataset_tags(task.dataset, task.storage_options)  # the version, resolved once: every read and run uses it
     sources = task_sources(task, [s for s in tags["dataset_sources"].split(",") if s])
     sweep = task.probe
     results = []
@@ -159,7 +159,8 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
                 hyperparameters=HYPERPARAMETERS,
                 resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
                 val=val, test=test, n_train_windows=train.num_rows,
-                score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)))
+                score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)),
+                dataset_version=tags.get(TAG_DATASET_VERSION))
             if task.converged_probe:
                 results.append(run_fitted(replace(inputs, method="probe_lbfgs", hyperparameters=("C",)),
                                           partial(converged_probe_scores, z_train, y_train, z_val, z_test, val)))

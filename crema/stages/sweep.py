@@ -265,6 +265,7 @@ class SweepInputs:
     test: LabelledWindows
     n_train_windows: int
     score_best: Callable[[object, dict[str, str]], BestTrialScores]
+    dataset_version: str | None = None  # the version the stage resolved once and read: the one logged
 
     @property
     def run_name(self) -> str:
@@ -280,7 +281,7 @@ def _parent_run(inputs: SweepInputs) -> Iterator[TrialContext]:
     experiment_id = tracking.ensure_experiment(task.tracking.experiment, tracking_uri)
     tags = _sweep_tags(inputs, tracking_uri)
     with tracking.sweep_run(tracking_uri, experiment_id, inputs.run_name,
-                            {**tags, **run_tags(task.dataset, task.storage_options)},
+                            {**tags, **run_tags(task.dataset, task.storage_options, inputs.dataset_version)},
                             _sweep_params(inputs), tracking.redact(task.model_dump(mode="json"))) as parent_run_id:
         yield TrialContext(tracking_uri, experiment_id, parent_run_id, tags)
 

@@ -211,6 +211,48 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
     assert input_tags["sources"] == "ptbxl" and input_tags["rows_train"] == str(train_rows)
 
 
+@pytest.mark.timeout(420)
+def test_a_deleted_run_folder_restarts_in_a_new_mlflow_run_not_the_old_history(windows_40, ray_local, tmp_path,
+                                                                                capsys):
+    """Deleting the run folder (Ray's advice for a fresh start) and re-running the name trains from step 0 again:
+    that must open a new MLflow run tagged with the one it replaces, never log steps 1.. twice into the old one."""
+    import shutil
+
+    from crema import tracking
+    from crema.stages.pretrain import RAY_TRAIN_STATE_FILE, run
+
+    torch.set_num_threads(1)
+    cfg = pretrain_config(windows_40, tmp_path, name="fresh-start", epochs=1,
+                          data=dict(dataset=str(windows_40), batch_size=32, shuffle_buffer=32, prefetch_batches=1),
+                          scaling=dict(num_workers=1, use_gpu=False, cpus_per_worker=0.5),
+                          checkpoint=dict(every_steps=1000, num_to_keep=1))
+    first = run(cfg)
+    run_dir = tmp_path / "runs" / cfg.name
+    assert (run_dir / RAY_TRAIN_STATE_FILE).exists()
+    assert tracking.TAG_REPLACES_RUN not in capsys.readouterr().out
+    shutil.rmtree(run_dir)
+
+    second = run(cfg)
+    out = capsys.readouterr().out
+    assert second.mlflow_run_id and second.mlflow_run_id != first.mlflow_run_id
+    assert f"{tracking.TAG_REPLACES_RUN}={first.mlflow_run_id}" in out and "holds no checkpoint state" in out
+
+    train_rows = read_windows(str(windows_40), columns=["record_id"], filter=pc.field("split") == "train").num_rows
+    total = train_rows // 32
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    old_steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "loss")]
+    assert sorted(old_steps) == list(range(1, total + 1))  # each step once: nothing appended by the re-run
+    assert len(client.get_metric_history(first.mlflow_run_id, "val_loss")) == 1
+    new_steps = [m.step for m in client.get_metric_history(second.mlflow_run_id, "loss")]
+    assert sorted(new_steps) == list(range(1, total + 1))
+    old, new = client.get_run(first.mlflow_run_id), client.get_run(second.mlflow_run_id)
+    assert old.info.run_name == new.info.run_name == cfg.name
+    assert old.info.status == new.info.status == "FINISHED"
+    assert new.data.tags[tracking.TAG_REPLACES_RUN] == first.mlflow_run_id
+    assert tracking.TAG_REPLACES_RUN not in old.data.tags
+    assert "resumed_from_step" not in new.data.metrics
+
+
 def test_window_length_mismatch_is_a_config_error_before_any_training(windows_40, tmp_path):
     from crema.stages.pretrain import run
 

@@ -163,6 +163,90 @@ def test_encoder_artifact_round_trips_and_serves_as_an_mlflow_pyfunc(tmp_path):
     assert any(f.endswith("encoder.safetensors") for f in files), files
 
 
+def test_finetuned_classifier_is_logged_without_pickle_and_serves_class_probabilities(tmp_path):
+    """The fine-tune stage's logging path: a classifier fine-tuned a few real steps, saved as safetensors,
+    logged (and registered) as a pyfunc, loaded back by MLflow; its probabilities are the in-process model's."""
+    from mlflow.tracking import MlflowClient
+
+    from crema import tracking
+    from crema.data.conditioning import condition
+    from crema.stages.finetune import HYPERPARAMETERS, log_classifier
+    from crema.train.artifacts import load_classifier
+    from crema.train.engine_finetune import (Classifier, build_optimizer, multilabel_loss, predict,
+                                             train_one_epoch, with_drop_path)
+    from crema.config import SweepConfig
+
+    torch.manual_seed(0)
+    classes = ["NORM", "MI", "STTC"]
+    model = Classifier(with_drop_path(SiTEncoder(ModelConfig(**SMALL)), 0.1), len(classes))
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.05, layer_decay=0.75)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    y = (torch.rand(16, len(classes)) > 0.5).float()
+    batches = [{"x": torch.randn(8, 12, 500), "lead_mask": torch.ones(8, 12, dtype=torch.bool), "y": y[i:i + 8]}
+               for i in (0, 8)]
+    train_one_epoch(model, batches, optimizer, scheduler, multilabel_loss(y.numpy()), device=torch.device("cpu"))
+    assert model.head.weight.abs().max() > 1e-3  # moved off its near-zero init: a real fine-tuned head
+
+    x = np.random.default_rng(1).normal(0, 0.5, (5, 12, 500)).astype(np.float32)
+    mask = np.ones((5, 12), dtype=bool)
+    mask[2, 6:] = False
+    conditioned = condition(x, mask, 500.0, model.encoder.cfg.input)
+    expected = predict(model, [{"x": torch.from_numpy(conditioned), "lead_mask": torch.from_numpy(mask)}],
+                       device=torch.device("cpu"))
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=tracking.ensure_experiment("classifier-test", uri))
+    config = {"lr": 1e-2, "weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1}
+    sweep = SweepConfig(register_model="crema-test-classifier")
+    tags = {"encoder": "crema", "encoder_run_id": "abc123", "task": "t", "label_fraction": "1.0", "other": "x"}
+    with mlflow.start_run() as run:
+        model_uri = log_classifier(model, classes, config, tags, sweep)
+
+    logged = mlflow.pyfunc.load_model(model_uri)
+    got = logged.predict({"x": x, "lead_mask": mask}, params={"fs": 500.0, "batch_size": 2})
+    assert list(got.columns) == classes and got.shape == (5, 3)
+    np.testing.assert_allclose(got.to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    signature = logged.metadata.signature
+    assert [s.name for s in signature.inputs.inputs] == ["x", "lead_mask"]
+    assert signature.inputs.inputs[0].shape == (-1, 12, 500)
+    assert [c.name for c in signature.outputs.inputs] == classes
+
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    assert "crema==" in open(os.path.join(local, "requirements.txt")).read()
+    files = [os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs]
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".pickle"))], files
+    for name in files:  # no file of the model is a pickle or a torch.save archive, whatever its name
+        head = open(os.path.join(local, name), "rb").read(4)
+        assert head[:1] != b"\x80" and head != b"PK\x03\x04", name
+    (weights,) = [f for f in files if f.endswith("classifier.safetensors")]
+    reloaded, names = load_classifier(os.path.join(local, weights))
+    assert names == classes
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name = 'crema-test-classifier'")
+    assert version.run_id == run.info.run_id
+    assert version.tags["encoder_run_id"] == "abc123" and "other" not in version.tags
+    logged_model = mlflow.get_logged_model(logged.metadata.model_id)
+    assert {p: logged_model.params[p] for p in HYPERPARAMETERS} == {k: str(v) for k, v in config.items()}
+
+
+def test_a_pickled_classifier_is_refused_and_runs_nothing(tmp_path):
+    from crema.train.artifacts import load_classifier
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "classifier.safetensors"
+    torch.save({"state_dict": RunsCode(marker)}, path)
+    with pytest.raises(UnsafeArtifactError, match="torch.save zip"):
+        load_classifier(path)
+    save_encoder(SiTEncoder(ModelConfig(**SMALL)), path)  # a safetensors file, but an encoder
+    with pytest.raises(UnsafeArtifactError, match="not a crema classifier"):
+        load_classifier(path)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "a..b", "-x", ""])
 def test_a_run_name_is_an_identifier(name, tmp_path):
     with pytest.raises(ValueError):

@@ -261,6 +261,43 @@ def test_dockerfile_builds_from_wheel_with_lock_as_non_root():
     assert "!requirements.lock" in ignore and "!configs/**" in ignore
 
 
+def test_lockfile_holds_every_runtime_dependency_of_pyproject_at_an_allowed_version():
+    """A dependency added to pyproject.toml (pyiceberg, say) without regenerating the lock would be missing from
+    the image: the Dockerfile installs only the lock and the wheel with --no-deps."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = {canonicalize_name(name): version for name, version in lock_pins().items()}
+    header = (REPO / "requirements.lock").read_text().split("\n", 3)[:2]
+    assert "-c constraints.txt" in header[1] and "--extra server" in header[1], header
+    wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["server"]]]
+    missing = [str(r) for r in wanted if canonicalize_name(r.name) not in pins]
+    assert not missing, f"not in requirements.lock (regenerate it, see its header): {missing}"
+    for requirement in wanted:
+        pinned = pins[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(pinned, prereleases=True), (str(requirement), pinned)
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert pins[canonicalize_name(name)] == version.strip(), line
+
+
+def test_dockerfile_base_image_cuda_matches_the_locked_torch_build():
+    """The Ray base image's CUDA tag and the CUDA runtime the locked torch wheel loads are one version, and the
+    cluster's AMI comment names the driver that version needs."""
+    pins = lock_pins()
+    runtime = pins.get("nvidia-cuda-runtime") or pins.get("nvidia-cuda-runtime-cu12")
+    assert runtime, "the lock holds no CUDA runtime wheel: a CPU-only torch would be in the GPU image"
+    major, minor = runtime.split(".")[:2]
+    tag = re.search(r"ARG RAY_IMAGE=rayproject/ray:[\d.]+-py311-cu(\d+)", (REPO / "infra" / "Dockerfile").read_text())
+    assert tag and tag.group(1) == f"{major}{minor}", (tag and tag.group(1), runtime)
+    cluster = (REPO / "ray_cluster.yaml").read_text()
+    assert f"-py311-cu{major}{minor}" in cluster and f"CUDA {major}.{minor}" in cluster
+
+
 def test_makefile_image_target():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^image:", makefile, re.M) and "infra/Dockerfile" in makefile

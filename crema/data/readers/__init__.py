@@ -8,6 +8,7 @@ A new hospital with a known format is only a YAML file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -106,18 +107,46 @@ class Reader(ABC):
             raise RecordRejected("path_outside_source", f"{relative!r} is not a file under the source")
         path = "/".join([self.root, *parts])
         if isinstance(self.fs, LocalFileSystem) and not self.source.follow_symlinks:
-            real = os.path.realpath(path)  # a symlink (file or folder) is not followed out of the source
+            real = self._real_path(path)  # a symlink (file or folder) is not followed out of the source
             if real != self._real_root and not real.startswith(self._real_root + os.sep):
                 raise RecordRejected("path_outside_source",
                                      f"{relative!r} is a symlink to {real}, outside the source folder")
         return path
 
+    def _real_path(self, path: str) -> str:
+        """os.path.realpath(path), with each folder resolved once: a record's files share their folder."""
+        folder, _, name = path.rpartition("/")
+        return os.path.realpath(path) if os.path.islink(path) else os.path.join(self._real_folder(folder), name)
+
+    @functools.lru_cache(maxsize=4096)
+    def _real_folder(self, folder: str) -> str:
+        return os.path.realpath(folder)
+
     @functools.cached_property
     def _real_root(self) -> str:
         return os.path.realpath(self.root)
 
+    @contextlib.contextmanager
+    def files_read_once(self):
+        """Within this block every file is read from storage at most once: the first ingest of a source
+        fingerprints and reads each record in one go, and the fingerprint's bytes are the decoder's."""
+        self._read_once = {}
+        try:
+            yield
+        finally:
+            self._read_once = None
+
+    _read_once: dict[str, bytes] | None = None
+
     def read_bytes(self, path: str) -> bytes:
         """A record file's bytes, refused above MAX_RECORD_BYTES and rejected when missing."""
+        if self._read_once is not None:
+            if path not in self._read_once:
+                self._read_once[path] = self._read_from_storage(path)
+            return self._read_once[path]
+        return self._read_from_storage(path)
+
+    def _read_from_storage(self, path: str) -> bytes:
         try:
             size = self.fs.size(path)
         except FileNotFoundError:

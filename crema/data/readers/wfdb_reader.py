@@ -277,12 +277,7 @@ class WfdbReader(Reader):
 
     def _header(self, record_id: str) -> _Header:
         """The record's parsed header, its signal files confined to the source."""
-        path = self.path_of(record_id + ".hea")
-        try:
-            with self.fs.open(path, "rb") as f:
-                raw = f.read(MAX_HEADER_BYTES + 1)
-        except FileNotFoundError:
-            raise RecordRejected("missing_file", path.rsplit("/", 1)[-1]) from None
+        raw = self.read_bytes(self.path_of(record_id + ".hea"))
         if len(raw) > MAX_HEADER_BYTES:
             raise RecordRejected("bad_header", f"header larger than {MAX_HEADER_BYTES} bytes")
         if b"\x00" in raw:
