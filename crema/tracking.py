@@ -322,11 +322,9 @@ def log_metric(key: str, value: float, step: int) -> None:
 # The encoder as an MLflow pyfunc model, "models from code": this file (not a pickle) is the model's code;
 # the weights are the safetensors artifact, loaded without unpickling anything.
 ENCODER_PYFUNC_CODE = '''"""CREMA encoder as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12) bool},
-params={"fs": 500}) returns the (n, D) float32 embeddings (mean of the present leads' SEP tokens). The raw mV
-windows are conditioned (filters, scaling) as the encoder's pretraining did, from the config in the artifact."""
+params={"fs": 500}) returns the (n, D) float32 embeddings (crema.evaluation.serving.embed)."""
 
 import mlflow
-import numpy as np
 
 
 class CremaEncoder(mlflow.pyfunc.PythonModel):
@@ -336,25 +334,9 @@ class CremaEncoder(mlflow.pyfunc.PythonModel):
         self.encoder = load_encoder(context.artifacts["encoder"])
 
     def predict(self, context, model_input, params=None):
-        import torch
+        from crema.evaluation.serving import embed
 
-        if hasattr(model_input, "columns"):  # a DataFrame of one row per window
-            model_input = {k: np.stack(model_input[k].to_numpy()) for k in ("x", "lead_mask")}
-        params = params or {}
-        x = np.asarray(model_input["x"], dtype=np.float32)
-        mask = np.asarray(model_input["lead_mask"], dtype=bool)
-        conditioning = getattr(self.encoder.cfg, "input", None)
-        if conditioning is not None:
-            from crema.data.conditioning import condition
-
-            x = condition(x, mask, float(params.get("fs", 500.0)), conditioning)
-        x, lead_mask = torch.as_tensor(x), torch.as_tensor(mask)
-        batch = int(params.get("batch_size", 256))
-        out = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch):
-                out.append(self.encoder.embed(x[start:start + batch], lead_mask[start:start + batch]))
-        return torch.cat(out).float().numpy() if out else np.zeros((0, self.encoder.embed_dim), np.float32)
+        return embed(self.encoder, model_input, params)
 
 
 mlflow.models.set_model(CremaEncoder())
@@ -364,13 +346,10 @@ mlflow.models.set_model(CremaEncoder())
 # The fine-tuned classifier the same way: this code, and the weights as the safetensors artifact of
 # crema.train.artifacts.save_classifier (encoder + head, the encoder's config and the class names in its metadata).
 CLASSIFIER_PYFUNC_CODE = '''"""CREMA fine-tuned classifier as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12)
-bool}, params={"fs": 500}) returns a DataFrame of the (n, C) class probabilities (sigmoid of the head's logits), one
-column per class, named by the task's classes. The raw mV windows are conditioned (filters, scaling) as the
-encoder's pretraining and the fine-tuning did, from the config in the artifact."""
+bool}, params={"fs": 500}) returns a DataFrame of the class probabilities, one column per task class
+(crema.evaluation.serving.classify)."""
 
 import mlflow
-import numpy as np
-import pandas as pd
 
 
 class CremaClassifier(mlflow.pyfunc.PythonModel):
@@ -380,27 +359,9 @@ class CremaClassifier(mlflow.pyfunc.PythonModel):
         self.model, self.classes = load_classifier(context.artifacts["classifier"])
 
     def predict(self, context, model_input, params=None):
-        import torch
+        from crema.evaluation.serving import classify
 
-        if hasattr(model_input, "columns"):  # a DataFrame of one row per window
-            model_input = {k: np.stack(model_input[k].to_numpy()) for k in ("x", "lead_mask")}
-        params = params or {}
-        x = np.asarray(model_input["x"], dtype=np.float32)
-        mask = np.asarray(model_input["lead_mask"], dtype=bool)
-        conditioning = getattr(self.model.encoder.cfg, "input", None)
-        if conditioning is not None:
-            from crema.data.conditioning import condition
-
-            x = condition(x, mask, float(params.get("fs", 500.0)), conditioning)
-        x, lead_mask = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(mask)
-        batch = int(params.get("batch_size", 256))
-        out = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch):
-                logits = self.model(x[start:start + batch], lead_mask[start:start + batch])
-                out.append(torch.sigmoid(logits.float()))
-        probabilities = torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
-        return pd.DataFrame(probabilities, columns=list(self.classes))
+        return classify(self.model, self.classes, model_input, params)
 
 
 mlflow.models.set_model(CremaClassifier())

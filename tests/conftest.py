@@ -85,29 +85,42 @@ def s3_server():
 def ray_cluster(tmp_path_factory):
     """A real local Ray cluster (`ray start --head`, dashboard on) to `ray job submit` entrypoints to.
 
-    Stopped by killing only its own processes: `ray stop` would also end the in-process test cluster.
+    Every port is picked free, so another process can take one between the pick and Ray's bind: a start
+    that fails is stopped and tried again on fresh ports (3 times, each failure's output kept for the
+    message). Stopped by killing only its own processes: `ray stop` would also end the in-process test cluster.
     """
-    import psutil
-
     import secrets
-
-    gcs_port, dashboard_port = free_port(), free_port()
     import tempfile
 
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     # Token authentication on, as on a real cluster; the job CLI presents the same token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-         # Every port free-picked: other Ray instances (the in-process test cluster) may hold the defaults.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
-        check=True, capture_output=True, timeout=180, env=env,
-    )
+    failures = []
+    for _ in range(3):
+        gcs_port, dashboard_port = free_port(), free_port()
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+        started = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+             # Every port free-picked: other Ray instances (the in-process test cluster) may hold the defaults.
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
+            capture_output=True, text=True, timeout=180, env=env,
+        )
+        if started.returncode == 0:
+            break
+        failures.append(f"{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        _stop_cluster(temp_dir, gcs_port)
+    else:
+        pytest.fail("ray start --head failed 3 times:\n" + "\n---\n".join(failures))
     yield RayCluster(f"http://127.0.0.1:{dashboard_port}", env)
+    _stop_cluster(temp_dir, gcs_port)
+
+
+def _stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Kill the processes of the cluster started in `temp_dir` on `gcs_port`, and nothing else."""
+    import psutil
 
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])

@@ -325,5 +325,5 @@ def test_runbook_covers_the_stages_and_the_scale_plan():
     for step in ("## 1. Launch", "## 2. Submit", "## 3. Watch", "## 4. Resume", "## 5. Results in MLflow",
                  "## 6. Tear down", "## 7. Scale plan"):
         assert step in text
-    assert "860 records/s per CPU core" in text and "not measured" in text and "120 KB" in text
+    assert "575 records/s per CPU core" in text and "not measured" in text and "120 KB" in text
     assert "pipelines" not in text
