@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--curve-points", type=int, default=3)
+    parser.add_argument("--contrastive-weight", type=float, default=None,
+                        help="lambda of the crema arm (default: the model config's)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
                         help="the arms to run (default all; a partial run compares only what it ran, in one process)")
     parser.add_argument("--input", nargs="*", default=[], metavar="KEY=VALUE",
@@ -210,7 +212,8 @@ def main() -> None:
         test, val, c = score(corpus, embed(CREMA(base).encoder, x))
         arms.append(Arm("random_init", seed, test, val, c))
         print(f"  random_init seed {seed}: test macro AUROC {test[0]:.3f}", flush=True)
-    for name, weight in (("mae", 0.0), ("crema", base.contrastive_weight)):
+    crema_weight = base.contrastive_weight if args.contrastive_weight is None else args.contrastive_weight
+    for name, weight in (("mae", 0.0), ("crema", crema_weight)):
         if name not in args.arms:
             continue
         cfg = base.model_copy(update={"contrastive_weight": weight})

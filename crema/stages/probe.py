@@ -40,6 +40,7 @@ from crema.evaluation.probe import DEFAULT_CS, LinearProbe, fit_converged_probe,
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
                                     task_sources)
 from crema.stages.common import init_ray, read_windows_table
+from crema.train import safe_files
 from crema.stages.embed import embed_dataset
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, prepare_task,
                                 print_results, run_fitted, run_sweep, select_encoders, sweep_command, trial_run)
@@ -76,7 +77,7 @@ def read_task_windows(task: TaskConfig, sources: list[str], version: str | None 
 
 def embeddings_key(blob: bytes, dataset_tags: dict[str, str], sources: list[str]) -> str:
     """Same encoder weights, same dataset content, same sources: same embeddings."""
-    digest = hashlib.sha256(blob)
+    digest = hashlib.sha256(safe_files.content_digest(blob).encode())  # not the bytes: see content_digest
     digest.update(json.dumps([dataset_tags["dataset"], dataset_tags.get(TAG_DATASET_VERSION), sorted(sources)])
                   .encode())
     return digest.hexdigest()[:16]

@@ -13,6 +13,7 @@ non-string keys are tagged so that :func:`unpack` gives back exactly what :func:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -53,6 +54,22 @@ def read(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise UnsafeArtifactError(refused.format(kind=f"corrupt: {err}")) from err
     metadata = header.get("__metadata__") or {}
     return tensors, dict(metadata)
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 of what a safetensors file holds — its metadata and every tensor by name, dtype and shape —
+    whatever order its header lists them in. safetensors writes the metadata from an unordered map, so the
+    same weights saved by two processes can differ in bytes: cache keys use this, not the bytes' hash."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    body = data[8 + size:]
+    digest = hashlib.sha256(json.dumps(header.pop("__metadata__", None) or {}, sort_keys=True).encode())
+    for name in sorted(header):
+        spec = header[name]
+        start, end = spec["data_offsets"]
+        digest.update(json.dumps([name, spec["dtype"], spec["shape"]]).encode())
+        digest.update(body[start:end])
+    return digest.hexdigest()
 
 
 def write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

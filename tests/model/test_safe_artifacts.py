@@ -264,3 +264,30 @@ def test_an_unreachable_tracking_server_fails_within_seconds_naming_it():
     assert time.monotonic() - started < 10
     assert f"http://user:***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in str(err.value)
     assert "s3cret" not in str(err.value)
+
+
+def test_content_digest_ignores_the_header_order_safetensors_happens_to_write():
+    """safetensors writes its metadata from an unordered map: the same weights saved in two processes can
+    differ in bytes. The digest that keys the embeddings cache must not (it once re-embedded a whole dataset)."""
+    import json
+    import struct
+
+    from crema.train import safe_files
+
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    data = safe_files.write(tensors, {"format": "crema-encoder/1", "config": "{}"})
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    reordered = {"__metadata__": dict(reversed(list(header["__metadata__"].items()))),
+                 **dict(reversed([(k, v) for k, v in header.items() if k != "__metadata__"]))}
+    text = json.dumps(reordered).encode()
+    text += b" " * (-len(text) % 8)
+    other = struct.pack("<Q", len(text)) + text + data[8 + size:]
+    assert other != data
+    assert safe_files.read(other, "reordered")[1] == safe_files.read(data, "original")[1]
+    assert safe_files.content_digest(other) == safe_files.content_digest(data)
+    changed = safe_files.write({**tensors, "a": torch.zeros(4, dtype=torch.float16)},
+                               {"format": "crema-encoder/1", "config": "{}"})
+    assert safe_files.content_digest(changed) != safe_files.content_digest(data)
+    assert safe_files.content_digest(safe_files.write(tensors, {"format": "crema-encoder/1", "config": "{ }"})) \
+        != safe_files.content_digest(data)
