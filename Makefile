@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job end to end) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
+TORCH_INDEX ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export CREMA_SHARED_DATA ?= $(abspath ../shared/data)
@@ -10,8 +11,9 @@ export CREMA_SHARED_DATA ?= $(abspath ../shared/data)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned, so pip takes the CPU wheel rather than resolving a CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first and pinned, so that the project's `torch>=` range installs nothing more. Where PyPI's torch is
+	# a CUDA build (Linux x86_64), TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU one instead.
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
@@ -25,7 +27,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check crema
+	$(BIN)/ruff check crema tests benchmarks
 	$(BIN)/mypy
 
 bench: $(STAMP)

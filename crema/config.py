@@ -10,10 +10,10 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crema.data.signals import LEADS, NormaliseOptions
 
@@ -428,11 +428,20 @@ class ChaosSettings(Schema):
     # in an attempt that started without a checkpoint, like a worker lost to an OOM kill or a preemption
 
 
+def _one_folder(name: str) -> str:
+    if ".." in name:
+        raise ValueError(f"name {name!r} contains '..': it must name one folder, not a path")
+    return name
+
+
+# A name that becomes a folder (a run's, a task's, an encoder's): letters, digits, "_", "-", "." (never "..").
+FolderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"), AfterValidator(_one_folder)]
+
+
 class PretrainConfig(Schema):
     """One CR-MAE pretraining job. `name` is both the Ray run and the MLflow run: same name, same run."""
 
-    # A folder name under storage_path and the MLflow run name: letters, digits, "_", "-", "." (never "..").
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    name: FolderName  # the run's folder under storage_path and the MLflow run name
     storage_path: str  # checkpoints and the encoder artifact: a local folder or s3://bucket/prefix
     storage_options: dict = Field(default_factory=dict)  # fsspec options for storage_path (e.g. an S3 endpoint)
     epochs: int = Field(1, ge=1)
@@ -447,12 +456,6 @@ class PretrainConfig(Schema):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_not_a_path(cls, name: str) -> str:
-        if ".." in name:
-            raise ValueError(f"run name {name!r} contains '..': it must name one folder, not a path")
-        return name
 
 
 # -------------------------------------------------------------------------------------- downstream
@@ -507,7 +510,7 @@ class EmbedSettings(Schema):
 class EncoderSpec(Schema):
     """An encoder to evaluate: a pretrained artifact (`path`), or a random initialisation (a baseline)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: FolderName  # its embeddings' folder under the task's output
     init: Literal["pretrained", "random"] = "pretrained"
     path: str | None = None  # pretrained: an encoder.pt written by save_encoder (local or s3://)
     like: str | None = None  # random: the architecture of this other (pretrained) encoder
@@ -532,7 +535,7 @@ SplitName = Literal["train", "val", "test"]
 class TaskConfig(Schema):
     """A downstream task as data: which windows, which labels, which encoders and how to sweep them."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: FolderName  # its folder under `output`
     dataset: str  # an ingest OUTPUT (folder or s3://)
     storage_options: dict = Field(default_factory=dict)  # fsspec options for the dataset and `output`
     output: str  # embeddings and Tune trials go under <output>/<name>/ (local folder or s3://)

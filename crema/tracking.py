@@ -255,21 +255,20 @@ def dataset_tags(dataset: str, storage_options: dict | None = None, version: str
 
 
 def log_dataset_input(tags: Mapping[str, str], rows: Mapping[str, int], context: str = "training") -> None:
-    """Dataset lineage on the active run (``mlflow.log_input``): the dataset's URI as its source, the
-    manifest's sha256 as its digest, its sources and the rows per split, from :func:`dataset_tags`."""
+    """Dataset lineage on the active run (``mlflow.log_input``): the dataset's URI as its source, its sources
+    and the rows per split, from :func:`dataset_tags`. The digest is of the URI, the version (the Iceberg
+    snapshot id: the exact rows read) and those counts, so two runs on the same data share it."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     uri = tags["dataset"]
-    manifest = tags.get("dataset_manifest_sha256")
-    digest = manifest or hashlib.sha256(json.dumps([uri, tags.get(TAG_DATASET_VERSION), tags.get("dataset_sources"),
-                                                    dict(rows)],
-                                                   sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([uri, tags.get(TAG_DATASET_VERSION), tags.get("dataset_sources"), dict(rows)],
+                                       sort_keys=True).encode()).hexdigest()
     dataset = MetaDataset(resolve_dataset_source(uri), name=uri.rstrip("/").rsplit("/", 1)[-1] or uri,
                           digest=digest[:32])  # MLflow stores at most 36 characters
     input_tags = {"sources": tags.get("dataset_sources", ""), **{f"rows_{k}": str(v) for k, v in rows.items()}}
-    if manifest:
-        input_tags["manifest_sha256"] = manifest
+    if tags.get(TAG_DATASET_VERSION):
+        input_tags["version"] = tags[TAG_DATASET_VERSION]
     mlflow.log_input(dataset, context=context, tags=input_tags)
 
 
@@ -461,12 +460,15 @@ def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
 
 @contextmanager
 def sweep_run(tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str],
-              params: Mapping[str, object], task_yaml: dict) -> Iterator[str]:
-    """A sweep's parent run, active inside the block; yields its run id."""
+              params: Mapping[str, object], task_yaml: dict, dataset_rows: Mapping[str, int]) -> Iterator[str]:
+    """A sweep's parent run, active inside the block, with the task's dataset as its input (`dataset_rows`:
+    the windows per split it was run on); yields its run id."""
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                           tags={**tags, TAG_KIND: KIND_SWEEP}) as parent:
         mlflow.log_params(dict(params))
+        if "dataset" in tags:
+            log_dataset_input(tags, dataset_rows, context="evaluation")
         mlflow.log_text(yaml.safe_dump(task_yaml, sort_keys=False), "task.yaml")
         yield parent.info.run_id
 

@@ -420,7 +420,7 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
             if use_header and raw.meta.get("labels"):
                 rec["labels"] = sorted(set(rec["labels"] or ()) | set(raw.meta["labels"]))
             canonical = to_canonical(raw, cfg.normalise_options(source))
-            stored = canonical.signal.astype(storage_dtype)  # once per record, not per window
+            stored = as_stored(canonical.signal, storage_dtype)  # once per record, not per window
             cut = windows(dataclasses.replace(canonical, signal=stored), cfg.window_s, cfg.stride_s, cfg.pad_short)
         except RecordRejected as err:
             add_row(rec, status="rejected", reason=err.reason, detail=err.detail)
@@ -447,6 +447,18 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
         else:
             arrays.append(pa.array(columns[f.name], f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def as_stored(signal: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The canonical float32 signal in the column's dtype. float16: numpy converts element by element (0.44 ms
+    of a 12 x 5000 record, an eighth of the window pass), torch with the CPU's conversion instructions
+    (0.02 ms); both round to nearest, ties to even (tests/data/test_signals.py checks bit equality with
+    numpy's cast on every shared record and on the edge cases: ties, overflow, subnormals, NaN)."""
+    if dtype == np.float16:
+        import torch  # imported here: only the window pass needs it
+
+        return torch.from_numpy(np.ascontiguousarray(signal, np.float32)).to(torch.float16).numpy()
+    return signal.astype(dtype)
 
 
 STATS_FS = 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,15 @@ from crema.data.schema import to_contract_types
 from crema.tracking import dataset_tags, git_commit
 
 console = Console()
+log = logging.getLogger(__name__)
+
+
+def announce_outputs(locations: dict[str, str]) -> None:
+    """Where a command's outputs go, printed when it starts (one unwrapped line each: paths are copied from
+    here) and logged (so that `ray job logs` shows them too)."""
+    for what, where in locations.items():
+        log.info("%s → %s", what, where)
+        typer.echo(f"{what:<12} → {where}")
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -25,6 +25,7 @@ manifest are still committed, for inspection); 2 invalid configuration; 3 no spa
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Iterable, Optional
@@ -50,10 +51,13 @@ from crema.data.labels import pseudonym_key
 from crema.data.report import write_reports
 from crema.data.schema import MANIFEST_SCHEMA
 from crema.data.signals import N_LEADS
-from crema.stages.common import exit_2_on_config_error, init_ray
+from crema.stages.common import announce_outputs, exit_2_on_config_error, init_ray
+from crema.tracking import redact_uri
 
 EXIT_REJECTS, EXIT_CONFIG, EXIT_DISK_FULL = 1, 2, 3
 console = Console()
+# Named for the module also under `python -m` (__name__ is then "__main__", outside crema's log handler).
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 
 def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = None,
@@ -67,8 +71,12 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
         raise ValueError(f"source names must be unique, got {names}")
     key = pseudonym if pseudonym is not None else pseudonym_key()
     started = time.perf_counter()
+    output = output if "://" in output else str(Path(output).resolve())  # once: every path printed is usable
     by_name = {s.name: s for s in sources}
     work, summaries = plan(sources, key)  # first: a source without records is a ConfigError, nothing written
+    announce_outputs({"dataset": output, "catalog": _catalog_location(output, cfg),
+                      "reports": f"{output.rstrip('/')}/reports/<source>.md"})
+    log.info("planned %d records of %d sources (%s)", len(work), len(sources), ", ".join(names))
     dataset = open_for_ingest(output, cfg.catalog, cfg.storage_options)
     row_bytes = N_LEADS * cfg.window_samples * (2 if cfg.dtype == "float16" else 4)
     ensure_tables(dataset, cfg.window_samples, cfg.dtype, max(1, cfg.row_group_bytes // row_bytes))
@@ -80,6 +88,8 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
         config_hashes = {s.name: config_fingerprint(s, cfg) for s in sources}
         changes = plan_changes(_fingerprint(work, by_name, config_hashes, cfg, previous, force), previous,
                                set(names) if force else set())
+        log.info("%d records to read and window; unchanged sources kept: %s", len(changes.pending),
+                 ", ".join(sorted(changes.unchanged)) or "none")
         if changes.replace:
             written, windowed = _window_pass(changes.pending, by_name, cfg, config_hashes, dataset, run)
             windowed, dropped, pairs = mark_duplicates(windowed, changes.kept, names, cfg.drop_duplicates)
@@ -90,7 +100,9 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
             data_files = rewrite_records(written, windows.metadata, windows.io, run.id, dropped, rekeyed)
             manifest_new = pa.concat_tables([windowed, changes.settled.cast(windowed.schema)])
             hashes = pa.array([config_hashes[s] for s in manifest_new["source"].to_pylist()], pa.string())
-            commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
+            committed = commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
+            log.info("committed %d data files of %d records: dataset version %s", len(data_files), len(manifest_new),
+                     committed.current_snapshot().snapshot_id)
         manifest = committed_manifest(dataset)
     finally:
         end_run(run)
@@ -104,6 +116,13 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
                                      f"(> max_reject_fraction={_max_rejects(by_name[s.name], cfg)})" for s in failed)
                            + f"; see the manifest table of {output}", summary)
     return summary
+
+
+def _catalog_location(output: str, cfg: IngestConfig) -> str:
+    if cfg.catalog is None:
+        return f"{output.rstrip('/')}/catalog.db (embedded SQLite), warehouse {output.rstrip('/')}/warehouse"
+    where = redact_uri(cfg.catalog.uri) if cfg.catalog.uri else "from pyiceberg's environment"
+    return f"{cfg.catalog.type} catalog {where}, namespace {cfg.catalog.namespace}"
 
 
 def _reports(output: str, sources: list[str], manifest: pa.Table, cfg: IngestConfig) -> None:

@@ -37,6 +37,7 @@ would leave one rank waiting forever in an all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,15 +72,16 @@ from crema.data.batches import MODEL_COLUMNS, decode_window_batch
 from crema.data.catalog import dataset_version, windows_dataset
 from crema.evaluation.plots import plot_reconstruction
 from crema.model.network import CREMA
-from crema.stages.common import exit_2_on_config_error, init_ray, read_windows_table, run_tags
+from crema.stages.common import announce_outputs, exit_2_on_config_error, init_ray, read_windows_table, run_tags
 from crema.train.artifacts import ENCODER_FILE, save_encoder
-from crema.train.checkpoint import CheckpointError, Position, load_training_state, save_training_state
+from crema.train.checkpoint import Position, load_newest_loadable, save_training_state
 from crema.train.engine_pretrain import StepStats, train_one_epoch, validate
 from crema.train.optim import param_groups, warmup_cosine
 from crema.train.precision import autocast_dtype
 
 console = Console()
-log = logging.getLogger(__name__)
+# Named for the module also under `python -m` (__name__ is then "__main__", outside crema's log handler).
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 
 @dataclass(frozen=True)
@@ -250,9 +252,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     tracking.check_run_params(cfg.name, cfg.tracking.experiment, tracking_uri,
                               tracking.flatten_params(tracking.redact(cfg.model_dump(mode="json"))), resume)
     replaces_run_id = replaced_mlflow_run(cfg, tracking_uri)
-    for what, where in output_locations(cfg, tracking_uri).items():
-        log.info("%s → %s", what, where)
-        typer.echo(f"{what:<12} → {where}")  # one unwrapped line each: paths are copied from here
+    announce_outputs(output_locations(cfg, tracking_uri))
     if replaces_run_id:
         note = (f"run folder {cfg.storage_path.rstrip('/')}/{cfg.name} holds no checkpoint state: training starts "
                 f"at step 0 in a new MLflow run (tag {tracking.TAG_REPLACES_RUN}={replaces_run_id}); the earlier "
@@ -403,29 +403,29 @@ def _checkpoint_dir_name(worker: Worker) -> str:
 def _restore_newest_loadable(worker: Worker, checkpoint: ray.train.Checkpoint) -> Position:
     """Restore Ray's latest checkpoint or, if it cannot be loaded, the newest older one that can (and say so).
 
-    Every rank walks the same folders in the same order, so all ranks restore the same one.
+    Every rank walks the same folders in the same order, so all ranks restore the same one; each is
+    fetched (from s3) only when the newer ones failed.
     """
-    skipped = []
-    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
-        try:
-            with candidate.as_directory() as folder:
-                position = load_training_state(folder, worker.model, worker.optimizer, worker.scheduler)
-        except CheckpointError as err:
-            skipped.append(candidate.path)
-            if worker.is_rank0:
-                log.warning("checkpoint %s cannot be loaded, trying the previous one: %s", candidate.path, err)
-            continue
-        worker.resume_tags = {"resumed_from_checkpoint": candidate.path}
-        if skipped:
-            worker.resume_tags["skipped_checkpoints"] = ",".join(skipped)
-            worker.checkpoint_suffix = secrets.token_hex(3)  # only rank 0 names checkpoint folders
-        if worker.is_rank0:
-            note = f" (skipped, not loadable: {', '.join(skipped)})" if skipped else ""
-            (log.warning if skipped else log.info)(
-                "resuming from checkpoint %s at step %d%s", candidate.path, position.global_step, note)
-        return position
-    raise CheckpointError(f"none of the run's checkpoints can be loaded ({', '.join(skipped)}); "
-                          "see the messages above, or start a new run name")
+    where: dict[str, str] = {}  # local folder -> the checkpoint's path in storage
+
+    with contextlib.ExitStack() as opened:
+        def folders():
+            for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+                folder = opened.enter_context(candidate.as_directory())
+                where[folder] = candidate.path
+                yield folder
+
+        position, used, skipped = load_newest_loadable(folders(), worker.model, worker.optimizer, worker.scheduler)
+    skipped_paths = [where[folder] for folder, _ in skipped]
+    worker.resume_tags = {"resumed_from_checkpoint": where[used]}
+    if skipped_paths:
+        worker.resume_tags["skipped_checkpoints"] = ",".join(skipped_paths)
+        worker.checkpoint_suffix = secrets.token_hex(3)  # only rank 0 names checkpoint folders
+    if worker.is_rank0:
+        note = f" (skipped, not loadable: {', '.join(skipped_paths)})" if skipped_paths else ""
+        (log.warning if skipped_paths else log.info)(
+            "resuming from checkpoint %s at step %d%s", where[used], position.global_step, note)
+    return position
 
 
 def _step_callback(worker: Worker, resumed: bool):

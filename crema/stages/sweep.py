@@ -39,7 +39,7 @@ from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, Tas
 from crema.evaluation.encoders import encoder_exists
 from crema.evaluation.metrics import evaluate, macro_auroc, metrics_table, roc_curve_figure, tune_thresholds
 from crema.evaluation.tasks import LabelledWindows, load_task, with_absolute_paths
-from crema.stages.common import exit_2_on_config_error, run_tags
+from crema.stages.common import announce_outputs, exit_2_on_config_error, run_tags
 
 METRIC = tracking.METRIC_VAL_AUROC  # trials are compared on it, in Tune and in MLflow
 
@@ -92,8 +92,14 @@ def prepare_task(task: TaskConfig | str | Path, overrides: dict | None = None) -
         task = load_task(task, overrides)
     elif overrides:
         raise ConfigError("overrides apply to a task file, not to a TaskConfig object")
-    tracking.check_reachable(tracking.resolve_tracking_uri(task.tracking.tracking_uri))
-    return with_absolute_paths(task)
+    tracking_uri = tracking.resolve_tracking_uri(task.tracking.tracking_uri)
+    tracking.check_reachable(tracking_uri)
+    task = with_absolute_paths(task)
+    folder = f"{task.output.rstrip('/')}/{task.name}"
+    announce_outputs({"embeddings": f"{folder}/embeddings", "trials": f"{folder}/tune",
+                      "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {task.tracking.experiment})",
+                      "dataset": task.dataset})
+    return task
 
 
 def select_encoders(task: TaskConfig, method: str, names: list[str] | None) -> list[EncoderSpec]:
@@ -282,7 +288,9 @@ def _parent_run(inputs: SweepInputs) -> Iterator[TrialContext]:
     tags = _sweep_tags(inputs, tracking_uri)
     with tracking.sweep_run(tracking_uri, experiment_id, inputs.run_name,
                             {**tags, **run_tags(task.dataset, task.storage_options, inputs.dataset_version)},
-                            _sweep_params(inputs), tracking.redact(task.model_dump(mode="json"))) as parent_run_id:
+                            _sweep_params(inputs), tracking.redact(task.model_dump(mode="json")),
+                            {"train": inputs.n_train_windows, "val": len(inputs.val), "test": len(inputs.test)},
+                            ) as parent_run_id:
         yield TrialContext(tracking_uri, experiment_id, parent_run_id, tags)
 
 

@@ -96,14 +96,17 @@ def load_training_state(folder: str, model: nn.Module, optimizer: torch.optim.Op
 
 
 def load_newest_loadable(folders: Iterable[str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                         scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[Position, str, list[str]]:
-    """Restore the first folder (newest first) that loads. Returns (position, folder, [why each newer one
-    was skipped]); CheckpointError when none loads."""
-    skipped: list[str] = []
+                         scheduler: torch.optim.lr_scheduler.LRScheduler,
+                         ) -> tuple[Position, str, list[tuple[str, CheckpointError]]]:
+    """Restore the first folder (newest first) that loads: a torn or crafted newest checkpoint costs the steps
+    since the previous one, not the run. Returns (position, folder, [(newer folder skipped, why)]);
+    CheckpointError when none loads."""
+    skipped: list[tuple[str, CheckpointError]] = []
     for folder in folders:
         try:
             return load_training_state(folder, model, optimizer, scheduler), folder, skipped
         except CheckpointError as err:
             log.warning("checkpoint %s cannot be restored, trying the previous one: %s", folder, err)
-            skipped.append(f"{folder}: {err}")
-    raise CheckpointError("no checkpoint could be restored:\n" + "\n".join(skipped))
+            skipped.append((folder, err))
+    raise CheckpointError("no checkpoint could be restored (start a new run name):\n"
+                          + "\n".join(f"{folder}: {err}" for folder, err in skipped))

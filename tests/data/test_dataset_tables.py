@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import yaml
 
 from crema.config import CatalogConfig, ConfigError, IngestConfig, SourceConfig
 from crema.data import catalog
@@ -184,44 +185,50 @@ def wfdb_subset(ptbxl_root: Path, folder: Path, ids) -> Path:
     return folder
 
 
-def test_a_source_missing_from_a_rerun_is_kept(ptbxl_root, ray_local, tmp_path):
+def test_a_source_missing_from_a_rerun_is_kept(ptbxl_root, ray_local, tmp_path, warehouse):
     from crema.stages.ingest import ingest
 
+    out, cat, options = warehouse
+    cfg = IngestConfig(catalog=cat, storage_options=options)
     a = SourceConfig(name="a", format="wfdb", path=str(wfdb_subset(ptbxl_root, tmp_path / "a", range(1, 6))))
     b = SourceConfig(name="b", format="wfdb", path=str(wfdb_subset(ptbxl_root, tmp_path / "b", range(6, 9))))
-    out = str(tmp_path / "ds")
-    ingest([a, b], out, IngestConfig(), pseudonym=KEY)
-    version = dataset_version(out)
+    ingest([a, b], out, cfg, pseudonym=KEY)
+    version = dataset_version(out, options)
 
-    ingest([a], out, IngestConfig(), pseudonym=KEY)  # b not named: kept
-    assert Counter(read_manifest(out)["source"].to_pylist()) == {"a": 5, "b": 3}
+    ingest([a], out, cfg, pseudonym=KEY)  # b not named: kept
+    assert Counter(read_manifest(out, options)["source"].to_pylist()) == {"a": 5, "b": 3}
 
     shutil.rmtree(tmp_path / "b")  # b's folder gone: a config error before Ray starts, nothing committed
     with pytest.raises(ConfigError, match="source b: path .* does not exist"):
-        ingest([a, b], out, IngestConfig(), pseudonym=KEY)
+        ingest([a, b], out, cfg, pseudonym=KEY)
     (tmp_path / "b").mkdir()  # an empty folder is no better
     with pytest.raises(ConfigError, match="source b: no wfdb records"):
-        ingest([a, b], out, IngestConfig(), pseudonym=KEY)
-    assert dataset_version(out) == version
-    assert Counter(read_windows(out, columns=["source"])["source"].to_pylist()) == {"a": 5, "b": 3}
+        ingest([a, b], out, cfg, pseudonym=KEY)
+    assert dataset_version(out, options) == version
+    assert Counter(read_windows(out, columns=["source"], storage_options=options)["source"].to_pylist()) == \
+        {"a": 5, "b": 3}
 
 
 @pytest.mark.slow
-def test_two_ingest_processes_into_one_dataset_both_land(ptbxl_root, tmp_path):
-    out = tmp_path / "ds"
+def test_two_ingest_processes_into_one_dataset_both_land(ptbxl_root, tmp_path, warehouse):
+    out, cat, options = warehouse
+    config = tmp_path / "ingest.yaml"  # the catalog and warehouse both processes commit to
+    config.write_text(yaml.safe_dump({"catalog": cat.model_dump() if cat else None, "storage_options": options}))
     env = {**os.environ, "CREMA_PSEUDONYM_KEY": KEY.decode(), "PYTHONPATH": str(REPO)}
     jobs = []
     for name, ids in (("a", range(1, 9)), ("b", range(9, 15))):
         folder = wfdb_subset(ptbxl_root, tmp_path / name, ids)
-        yaml = tmp_path / f"{name}.yaml"
-        yaml.write_text(f"name: {name}\nformat: wfdb\npath: {folder}\n")
-        jobs.append(subprocess.Popen([sys.executable, "-m", "crema.stages.ingest", str(yaml), "--output", str(out)],
+        source = tmp_path / f"{name}.yaml"
+        source.write_text(f"name: {name}\nformat: wfdb\npath: {folder}\n")
+        jobs.append(subprocess.Popen([sys.executable, "-m", "crema.stages.ingest", str(source), "--output", out,
+                                      "--config", str(config)],
                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for job in jobs:
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output[-3000:]
-    assert Counter(read_manifest(str(out))["source"].to_pylist()) == {"a": 8, "b": 6}
-    assert Counter(read_windows(str(out), columns=["source"])["source"].to_pylist()) == {"a": 8, "b": 6}
+    assert Counter(read_manifest(out, options)["source"].to_pylist()) == {"a": 8, "b": 6}
+    assert Counter(read_windows(out, columns=["source"], storage_options=options)["source"].to_pylist()) == \
+        {"a": 8, "b": 6}
 
 
 @pytest.mark.slow

@@ -136,6 +136,11 @@ def test_probe_sweep_leaves_parent_run_with_nested_trials_and_artifacts(probe_re
         assert parent.info.status == "FINISHED"
         assert (tags["crema.kind"], tags["task"], tags["method"], tags["encoder"]) == \
             ("sweep", "ptbxl_superdiagnostic", "probe", result.encoder)
+        (dataset_input,) = parent.inputs.dataset_inputs  # lineage: the exact dataset version and rows evaluated
+        input_tags = {t.key: t.value for t in dataset_input.tags}
+        assert input_tags["mlflow.data.context"] == "evaluation"
+        assert input_tags["version"] == tags["dataset_version"] and input_tags["sources"] == tags["dataset_sources"]
+        assert int(input_tags["rows_train"]) > 0 and int(input_tags["rows_test"]) > 0
         children = client.search_runs([parent.info.experiment_id],
                                       filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
         assert len(children) == result.n_trials == 2  # the lr grid

@@ -115,7 +115,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path, caplog)
     finally:
         logger.removeHandler(caplog.handler)
     assert position == Position(0, 2, 2) and used == folders[0]
-    assert len(skipped) == 1 and "checkpoint_step00000004" in skipped[0] and "corrupt" in skipped[0]
+    assert len(skipped) == 1 and skipped[0][0].endswith("checkpoint_step00000004") and "corrupt" in str(skipped[0][1])
     assert "cannot be restored, trying the previous one" in caplog.text
 
     (tmp_path / "checkpoint_step00000002" / STATE_FILE).write_bytes(b"garbage")
@@ -248,9 +248,19 @@ def test_a_pickled_classifier_is_refused_and_runs_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "a..b", "-x", ""])
-def test_a_run_name_is_an_identifier(name, tmp_path):
+def test_names_that_become_folders_are_identifiers(name, tmp_path):
+    """A run, task or encoder name is a folder under an output location: never a path out of it."""
+    from crema.config import EncoderSpec, TaskConfig
+
     with pytest.raises(ValueError):
         PretrainConfig.model_validate({"name": name, "storage_path": str(tmp_path), "data": {"dataset": "d"}})
+    task = {"dataset": "d", "output": str(tmp_path), "classes": ["NORM"],
+            "encoders": [{"name": "random", "init": "random", "model": {}}]}
+    with pytest.raises(ValueError):
+        TaskConfig.model_validate({**task, "name": name})
+    with pytest.raises(ValueError):
+        EncoderSpec.model_validate({"name": name, "init": "random", "model": {}})
+    assert TaskConfig.model_validate({**task, "name": "ptbxl.v2"}).encoders[0].name == "random"
 
 
 def test_an_unreachable_tracking_server_fails_within_seconds_naming_it():

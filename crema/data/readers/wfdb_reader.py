@@ -14,6 +14,7 @@ Record ids are header paths relative to the source root without ``.hea`` (``0000
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -84,8 +85,10 @@ def _int_field(token: str, what: str) -> int:
         raise RecordRejected("bad_header", f"{what} {token!r} is not an integer") from None
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_header(text: str) -> _Header:
-    """The fields of a WFDB header (record line, signal or segment lines); comments are skipped."""
+    """The fields of a WFDB header (record line, signal or segment lines); comments are skipped. Cached by
+    text (the result is immutable): fingerprinting and reading a record both need it."""
     lines = [ln.strip() for ln in text.splitlines()]
     dx = tuple(code.strip() for ln in lines if (m := _RX_DX.match(ln)) for code in m.group(1).split(",")
                if code.strip())
