@@ -276,6 +276,22 @@ def test_an_unreachable_tracking_server_fails_within_seconds_naming_it():
     assert "s3cret" not in str(err.value)
 
 
+def test_a_tracking_server_that_never_answers_fails_within_seconds():
+    """A port that accepts connections but never replies (a hung server, a black-holing proxy)."""
+    import socket
+
+    from crema import tracking
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(tracking.TrackingUnavailable, match="ReadTimeout"):
+            tracking.check_reachable(uri, timeout_s=2)
+        assert time.monotonic() - started < 10
+
+
 def test_content_digest_ignores_the_header_order_safetensors_happens_to_write():
     """safetensors writes its metadata from an unordered map: the same weights saved in two processes can
     differ in bytes. The digest that keys the embeddings cache must not (it once re-embedded a whole dataset)."""

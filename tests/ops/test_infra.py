@@ -325,5 +325,8 @@ def test_runbook_covers_the_stages_and_the_scale_plan():
     for step in ("## 1. Launch", "## 2. Submit", "## 3. Watch", "## 4. Resume", "## 5. Results in MLflow",
                  "## 6. Tear down", "## 7. Scale plan"):
         assert step in text
-    assert "575 records/s per CPU core" in text and "not measured" in text and "120 KB" in text
+    # The scale plan's rate is the README's measured warm 1-CPU ingest rate, not a figure of its own.
+    readme = (REPO / "README.md").read_text()
+    warm = re.search(r"\| ingest, 1 CPU, Ray's start included / warm \| [\d,]+ / ([\d,]+) \|", readme).group(1)
+    assert f"{warm} records/s per CPU core" in text and "not measured" in text and "120 KB" in text
     assert "pipelines" not in text
