@@ -81,9 +81,34 @@ def s3_server():
     proc.wait(timeout=10)
 
 
+def readme_node_environment(tmp: Path) -> dict[str, str]:
+    """What the README's local head-node block exports before `ray start` (jobs on the node inherit it): the
+    project's venv first on PATH (`source .venv/bin/activate`), a pseudonym key file, and PTBXL_ROOT at a
+    small PTB-XL (its tables and four 500 Hz records) where the shared data is present."""
+    import secrets
+
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    key_file = tmp / "pseudonym-key"
+    key_file.write_text(secrets.token_hex(32) + "\n")
+    key_file.chmod(0o600)
+    env["CREMA_PSEUDONYM_KEY_FILE"] = str(key_file)
+    ptbxl = shared_data_root() / "ptbxl"
+    if ptbxl.is_dir():
+        root = tmp / "ptb-xl"
+        (root / "records500/00000").mkdir(parents=True)
+        for table in ("ptbxl_database.csv", "scp_statements.csv"):
+            shutil.copy(ptbxl / table, root / table)
+        for i in range(1, 5):
+            for ext in ("hea", "dat"):
+                shutil.copy(ptbxl / f"records500/00000/{i:05d}_hr.{ext}", root / "records500/00000")
+        env["PTBXL_ROOT"] = str(root)
+    return env
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster (`ray start --head`, dashboard on) to `ray job submit` entrypoints to.
+    """A real local Ray cluster (`ray start --head`, dashboard on) to `ray job submit` entrypoints to, started
+    as the README's local block starts it (:func:`readme_node_environment`).
 
     Every port is picked free, so another process can take one between the pick and Ray's bind: a start
     that fails is stopped and tried again on fresh ports (3 times, each failure's output kept for the
@@ -93,7 +118,9 @@ def ray_cluster(tmp_path_factory):
     import tempfile
 
     # Token authentication on, as on a real cluster; the job CLI presents the same token.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CREMA_PSEUDONYM")},
+           **readme_node_environment(tmp_path_factory.mktemp("ray-node")),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     failures = []
     for _ in range(3):
         gcs_port, dashboard_port = free_port(), free_port()

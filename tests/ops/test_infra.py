@@ -330,3 +330,34 @@ def test_runbook_covers_the_stages_and_the_scale_plan():
     warm = re.search(r"\| ingest, 1 CPU, Ray's start included / warm \| [\d,]+ / ([\d,]+) \|", readme).group(1)
     assert f"{warm} records/s per CPU core" in text and "not measured" in text and "120 KB" in text
     assert "pipelines" not in text
+
+
+def ingest_settings(command: str):
+    """(output, IngestConfig) of a documented `python -m crema.stages.ingest ...` command, loaded as the stage
+    loads them (the image's /opt/crema/configs are this repository's configs/)."""
+    import shlex
+
+    from crema.config import IngestConfig, load_yaml, parse_overrides
+
+    argv = shlex.split(command.replace("\\\n", " "), comments=True)
+    argv = argv[argv.index("crema.stages.ingest") + 1:]
+    config = argv[argv.index("--config") + 1].replace("/opt/crema/configs/", "configs/")
+    overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+    return argv[argv.index("--output") + 1], load_yaml(REPO / config, IngestConfig, parse_overrides(overrides))
+
+
+def test_documented_cluster_ingests_name_a_catalog_for_their_s3_output():
+    """The embedded SQLite catalog is a file on the driver's node: an s3:// output without a `catalog` is a
+    config error, so every documented cluster ingest names one (and its warehouse on S3)."""
+    job = next(d for _, d in ray_docs() if d["kind"] == "RayJob" and d["metadata"]["labels"]["crema.io/stage"] == "ingest")
+    readme = (REPO / "README.md").read_text()
+    runbook = (REPO / "infra" / "README.md").read_text()
+    commands = [job["spec"]["entrypoint"]] + [
+        block for text in (readme, runbook) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        if "crema.stages.ingest" in block and "s3://" in block.split("crema.stages.ingest", 1)[1]]
+    assert len(commands) >= 3, commands
+    for command in commands:
+        command = command[command.index("python -m crema.stages.ingest"):].split("\n\n")[0]
+        output, cfg = ingest_settings(command)
+        assert output.startswith("s3://") and cfg.catalog is not None, command
+        assert cfg.catalog.type in ("glue", "rest") and (cfg.catalog.warehouse or "").startswith("s3://"), command
