@@ -457,7 +457,6 @@ class PretrainConfig(Schema):
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
 
 
-
 # -------------------------------------------------------------------------------------- downstream
 
 class LogUniform(Schema):
