@@ -1,6 +1,7 @@
 """Model quality on real PTB-XL: does CR-MAE pretraining beat the hand-made feature floor and a random encoder?
 
-    python -m benchmarks.quality [--steps 400] [--seeds 3] [--records 1999] [--arms ...] [--out benchmarks-output/quality]
+    python -m benchmarks.quality [--steps 400] [--seeds 3] [--records 1999] [--arms ...] [--model KEY=VALUE ...]
+                                 [--out benchmarks-output/quality]
 
 Data: the shared ``ptbxl/records100`` (1,999 records, 100 Hz, one 10-s window each), read by the product's
 WFDB reader and label mapping (``configs/sources/ptbxl.yaml``: the 5 diagnostic superclasses) and
@@ -69,7 +70,7 @@ class Arm:
     test_auroc: tuple[float, float, float]  # point, low, high
     val_auroc: float
     C: float
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, test macro AUROC)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val macro AUROC): fold 9, not the test
     losses: list[float] = field(default_factory=list)  # training recon loss per step
 
 
@@ -100,12 +101,17 @@ def hand_made_features(raw: np.ndarray) -> np.ndarray:
     return np.stack(features, axis=-1).reshape(len(raw), -1)
 
 
+def fit_probe(corpus: Corpus, z: np.ndarray):
+    """The converged probe on the train split's embeddings/features `z`, C chosen on the val split."""
+    rows = {s: corpus.split == s for s in ("train", "val")}
+    return fit_converged_probe(z[rows["train"]], corpus.y[rows["train"]], z[rows["val"]], corpus.y[rows["val"]],
+                               score=lambda y, p: macro_auroc(y, p).value)
+
+
 def score(corpus: Corpus, z: np.ndarray) -> tuple[tuple[float, float, float], float, float]:
     """(test AUROC with CI, val AUROC, C) of the converged probe on embeddings/features `z`."""
-    rows = {s: corpus.split == s for s in ("train", "val", "test")}
-    probe = fit_converged_probe(z[rows["train"]], corpus.y[rows["train"]], z[rows["val"]], corpus.y[rows["val"]],
-                                score=lambda y, p: macro_auroc(y, p).value)
-    test = rows["test"]
+    probe = fit_probe(corpus, z)
+    test = corpus.split == "test"
     ci = bootstrap_ci(macro_metric(per_class_auroc_weighted, range(len(CLASSES))), corpus.y[test],
                       probe.predict(z[test]), corpus.patients[test], n_boot=1000)
     return (ci.point, ci.low, ci.high), probe.val_macro_auroc, probe.C
@@ -122,7 +128,9 @@ def embed(encoder: SiTEncoder, x: torch.Tensor) -> np.ndarray:
 
 def pretrain(name: str, cfg: ModelConfig, corpus: Corpus, x: torch.Tensor, seed: int, steps: int, batch: int,
              lr: float, curve_points: int) -> Arm:
-    """`steps` AdamW steps of CR-MAE on the train split; the probe scored at `curve_points` points on the way."""
+    """`steps` AdamW steps of CR-MAE on the train split; the probe's val AUROC at `curve_points` points on the
+    way, the test scored once, at the end."""
+    started = time.perf_counter()
     torch.manual_seed(seed)
     model = CREMA(cfg)
     train = x[torch.from_numpy(corpus.split == "train")]
@@ -139,11 +147,17 @@ def pretrain(name: str, cfg: ModelConfig, corpus: Corpus, x: torch.Tensor, seed:
         done = train_one_epoch(model, batches, optimizer, scheduler, num_steps=n, start_step=done,
                                device=torch.device("cpu"), clip_grad=1.0,
                                on_step=lambda s: arm.losses.append(s.recon_loss))
-        test, val, c = score(corpus, embed(model.encoder, x))
-        arm.curve.append((done, test[0]))
-        arm.test_auroc, arm.val_auroc, arm.C = test, val, c
-        print(f"  {name} seed {seed} step {done}: recon {np.mean(arm.losses[-20:]):.3f}, "
-              f"val {val:.3f}, test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}]", flush=True)
+        if done < steps:
+            val = fit_probe(corpus, embed(model.encoder, x)).val_macro_auroc
+            arm.curve.append((done, val))
+            print(f"  {name} seed {seed} step {done}: recon {np.mean(arm.losses[-20:]):.3f}, val macro AUROC "
+                  f"{val:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    arm.test_auroc, arm.val_auroc, arm.C = score(corpus, embed(model.encoder, x))
+    arm.curve.append((done, arm.val_auroc))
+    test = arm.test_auroc
+    print(f"  {name} seed {seed} step {done}: recon {np.mean(arm.losses[-20:]):.3f}, val {arm.val_auroc:.3f}, "
+          f"test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}] ({time.perf_counter() - started:.0f} s)",
+          flush=True)
     return arm
 
 
@@ -186,6 +200,10 @@ def main() -> None:
                         help="lambda of the crema arm (default: the model config's)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
                         help="the arms to run (default all; a partial run compares only what it ran, in one process)")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model settings of every arm, e.g. patch_size=50 decoder=self_attention (crema.config.ModelConfig)")
+    parser.add_argument("--crema", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="settings of the crema arm only, e.g. temperature=0.2 augment=false")
     parser.add_argument("--input", nargs="*", default=[], metavar="KEY=VALUE",
                         help="input conditioning settings, e.g. scale=fixed highpass_hz=null (crema.config.InputConditioning)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks-output" / "quality")
@@ -198,8 +216,11 @@ def main() -> None:
     corpus = load_corpus(shared, args.records)
     print(f"{len(corpus.raw)} records: " + ", ".join(f"{s} {int((corpus.split == s).sum())}"
                                                     for s in ("train", "val", "test")), flush=True)
-    conditioning = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.input)}
-    base = ModelConfig(size="tiny", window_samples=WINDOW, patch_size=25, input=conditioning)
+    def settings(items: list[str]) -> dict:
+        return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+    base = ModelConfig(**{"size": "tiny", "window_samples": WINDOW, "patch_size": 25, **settings(args.model),
+                          "input": settings(args.input)})
     x = torch.from_numpy(condition(corpus.raw, np.ones(corpus.raw.shape[:2], dtype=bool), FS, base.input))
 
     arms = []
@@ -213,10 +234,11 @@ def main() -> None:
         arms.append(Arm("random_init", seed, test, val, c))
         print(f"  random_init seed {seed}: test macro AUROC {test[0]:.3f}", flush=True)
     crema_weight = base.contrastive_weight if args.contrastive_weight is None else args.contrastive_weight
-    for name, weight in (("mae", 0.0), ("crema", crema_weight)):
+    for name, update in (("mae", {"contrastive_weight": 0.0}),
+                         ("crema", {"contrastive_weight": crema_weight, **settings(args.crema)})):
         if name not in args.arms:
             continue
-        cfg = base.model_copy(update={"contrastive_weight": weight})
+        cfg = ModelConfig.model_validate({**base.model_dump(), **update})
         for seed in range(args.seeds):
             arms.append(pretrain(name, cfg, corpus, x, seed, args.steps, args.batch, args.lr, args.curve_points))
 
@@ -228,7 +250,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['arm']:<12} {r['seeds']:>5} {r['test_macro_auroc']:>17.3f} {r['seed_spread']:>12.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['val_macro_auroc']:>7.3f}")
-    print("\nlearning curve (test macro AUROC by pretraining step):")
+    print("\nlearning curve (val macro AUROC, fold 9, by pretraining step):")
     for arm in arms:
         if arm.curve:
             print(f"  {arm.name:<6} seed {arm.seed}: " + ", ".join(f"{s}: {a:.3f}" for s, a in arm.curve))
@@ -244,7 +266,7 @@ def main() -> None:
         mlflow.log_figure(loss_figure(arms), "reconstruction_loss.png")
         for arm in arms:
             for step, auroc in arm.curve:
-                mlflow.log_metric(f"{arm.name}_seed{arm.seed}_test_macro_auroc", auroc, step=step)
+                mlflow.log_metric(f"{arm.name}_seed{arm.seed}_val_macro_auroc", auroc, step=step)
     print(f"logged to MLflow: mlflow ui --backend-store-uri sqlite:///{args.out / 'mlflow.db'}")
 
 

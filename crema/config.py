@@ -119,14 +119,65 @@ def parse_overrides(items: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------------------- sources
 
-class LabelMap(Schema):
-    """Maps raw codes to canonical ones via a lookup table (e.g. PTB-XL's scp_statements.csv)."""
+class LabelRule(Schema):
+    """One line of a label map: the statements (or codes) it matches and the classes they mean.
 
-    table: str  # CSV, relative to the source path
+    Matching ignores case, repeated spaces and a final period ("Sinus rhythm." is "sinus rhythm"), since
+    hospitals write the same statement many ways; the first rule of a map that matches a statement wins.
+    """
+
+    statement: str | None = None  # exactly this statement or code
+    glob: str | None = None  # shell wildcards: "Ischemia: *"
+    regex: str | None = None  # a Python regular expression matching the whole statement
+    to: list[str] = Field(default_factory=list)  # the canonical codes it means (a single one may be a string)
+    ignore: bool = False  # known to carry none of the classes (an axis, say): dropped, but not "unmapped"
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_code(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_pattern_one_outcome(self) -> "LabelRule":
+        patterns = [p for p in (self.statement, self.glob, self.regex) if p is not None]
+        if len(patterns) != 1:
+            raise ValueError(f"a label rule takes exactly one of statement, glob and regex, got {patterns}")
+        if bool(self.to) == self.ignore:
+            raise ValueError(f"label rule {patterns[0]!r}: give either `to` (its codes) or `ignore: true`")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as err:
+                raise ValueError(f"label rule regex {self.regex!r}: {err}") from None
+        return self
+
+
+class LabelMap(Schema):
+    """How a source's label codes or statements become canonical codes (the task classes and the like).
+
+    Either a lookup table (PTB-XL's scp_statements.csv: `table`, `key_column`, `value_column`, `where`) or
+    `rules` (a label map as data, usually its own YAML file under configs/label_maps/). A statement that no
+    map of the source matches is *unmapped*: counted and listed in the ingest summary, never stored.
+    """
+
+    description: str = ""
+    table: str | None = None  # CSV, relative to the source path
     key_column: str | None = None  # None: the table's first column (its index)
     value_column: str | None = None  # the canonical code column (e.g. diagnostic_class); None: the key itself
     where: dict[str, float | int | str] = Field(default_factory=dict)  # keep rows with these values only
+    rules: list[LabelRule] = Field(default_factory=list)
+    # A code that others cancel on the same record: {NORM: [MI, STTC, CD, HYP]} keeps NORM only for a record
+    # with none of those (a "sinus rhythm" statement is a normal ECG only when nothing else is wrong).
+    unless: dict[str, list[str]] = Field(default_factory=dict)
     min_likelihood: float | None = None  # for dict-valued codes (SCP likelihoods); None keeps all
+
+    @model_validator(mode="after")
+    def _table_or_rules(self) -> "LabelMap":
+        if (self.table is None) == (not self.rules):
+            raise ValueError("a label map takes either `table` (a lookup CSV) or `rules`, not both or neither")
+        if self.rules and (self.key_column or self.value_column or self.where):
+            raise ValueError("key_column, value_column and where belong to a table map, not to rules")
+        return self
 
 
 class LabelTable(Schema):
@@ -137,11 +188,18 @@ class LabelTable(Schema):
     label_column: str | list[str] | None = None  # several columns: the union of their codes
     label_format: Literal["dict", "list", "single"] = "dict"  # "{'NORM': 100.0}", "a;b", "a"
     label_separator: str | None = None  # list format: the one separator ("|" keeps "Atrial flutter, typical"); default ; or ,
-    maps: list[LabelMap] = Field(default_factory=list)  # union of all maps; none keeps raw codes
     patient_column: str | None = None
     split_column: str | None = None
     split_values: dict[str, list[int | str]] = Field(
         default_factory=lambda: {"train": list(range(1, 9)), "val": [9], "test": [10]})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _maps_moved(cls, data):
+        if isinstance(data, dict) and "maps" in data:
+            raise ValueError("`labels.maps` is now the source's `label_maps` (they map header labels too): "
+                             "move the list one level up")
+        return data
 
     @field_validator("split_values")
     @classmethod
@@ -185,12 +243,19 @@ class SourceConfig(Schema):
     # Labels a reader finds in the record itself (PhysioNet-Challenge `#Dx:` SNOMED CT codes in WFDB headers)
     # join the label table's; default: used when the source has no label table.
     header_labels: bool | None = None
+    # Label table and header labels -> canonical codes: a map file's name or a map itself, their union; none
+    # keeps label codes as they are (and stores no free-text statement: those need a map).
+    label_maps: list[LabelMap] = Field(default_factory=list)
     storage_options: dict = Field(default_factory=dict)  # fsspec options, e.g. client_kwargs.endpoint_url
     # Delimited text (format: csv) only: a CSV holds no lead names, rate or units of its own.
     columns: list[str] | None = None  # column names in file order (overrides a header row); "" skips a column
     delimiter: str | None = None  # default: tab for .tsv files, comma otherwise
     header: bool | None = None  # whether the first row holds names; None: detected (a non-numeric first row)
     scale: float | None = Field(None, gt=0)  # stored value x scale = a value in `units` (ADC counts -> uV)
+    # MATLAB files (format: mat) hold no rate, lead names or units either: `fs`, `columns` (the leads in array
+    # order), `units` and `scale` as for a CSV; `variable` names the array: "val" by default, "ECG.data" for
+    # a field of a struct.
+    variable: str | None = Field(None, pattern=r"^[A-Za-z]\w*(\.[A-Za-z]\w*)*$")
 
     @field_validator("format")
     @classmethod
@@ -201,6 +266,13 @@ class SourceConfig(Schema):
         if name not in installed_readers():
             raise ValueError(f"unknown format {v!r}; installed readers: {sorted(installed_readers())}")
         return name
+
+    @field_validator("label_maps", mode="before")
+    @classmethod
+    def _read_map_files(cls, v):
+        """Maps given as file names (`- configs/label_maps/ludb.yaml`) read in place, so that the rules travel
+        inside the source config (to Ray workers, into its fingerprint: an edited map re-ingests)."""
+        return [load_yaml(m, LabelMap) if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
     @field_validator("lead_aliases")
     @classmethod
@@ -345,11 +417,18 @@ class ModelConfig(Schema):
     mask_mode: Literal["independent", "time"] = "independent"
     norm_target: bool = True  # reconstruct per-patch standardised targets (MAE's norm_pix_loss)
     time_bias: bool = True  # attention penalised by time distance (ALiBi); see crema.model.network
+    # cross_attention: hidden patches attend to the encoded visible ones only (CrossMAE, ~2x cheaper);
+    # self_attention: MAE's decoder over every token
+    decoder: Literal["cross_attention", "self_attention"] = "cross_attention"
     input: InputConditioning = Field(default_factory=InputConditioning)
     contrastive_weight: float = Field(0.1, ge=0)  # lambda; 0 is the plain MAE
     temperature: float = Field(0.1, gt=0)  # tau of the NT-Xent loss
     projection_dim: int = Field(128, gt=0)
     positives: Literal["window", "record"] = "window"  # record: other windows of the same record too
+    # The second contrastive view: another random mask of the whole window (mask), or K visible patches
+    # from one random crop in time of crop_fraction of the window (crop: another stretch of the record)
+    contrastive_view: Literal["mask", "crop"] = "mask"
+    crop_fraction: float = Field(0.5, gt=0, le=1)
     augment: bool = True  # amplitude scaling and gaussian noise on the second contrastive view
     augment_scale: float = Field(0.2, ge=0, lt=1)  # amplitude factor drawn from 1 +/- this
     augment_noise: float = Field(0.05, ge=0)  # std of the added gaussian noise, in conditioned-input units
@@ -408,6 +487,9 @@ class ScalingSettings(Schema):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)  # leave some CPUs free: Ray Data reads with its own tasks
+    # PyTorch's intra-op threads per worker; None: the worker's CPUs. More than cpus_per_worker lets a
+    # small machine's training use the cores Ray keeps for the (mostly idle) read tasks.
+    torch_threads: int | None = Field(None, ge=1)
 
 
 class CheckpointSettings(Schema):
@@ -455,6 +537,42 @@ class PretrainConfig(Schema):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
+
+
+class PretrainSweepConfig(Schema):
+    """A sweep over pretraining recipes on Ray Tune (`crema sweep-pretrain`): every point of `grid`, once per
+    seed, is a pretraining job of the base config with those settings, named ``<name>-<index>``.
+
+    Trials are judged on validation data only: ASHA stops a trial on its validation reconstruction loss after
+    `grace_period` epochs, and the trials left are ranked by `rank_by`; the converged linear probe's macro
+    AUROC on `probe_task`'s train and val windows (fold 9 for PTB-XL) needs a probe task. Nothing reads the
+    test split: score the chosen encoder once, with `crema probe`.
+    """
+
+    name: FolderName
+    grid: dict[str, list] = Field(min_length=1)  # dotted pretrain keys -> the values to try; axes are crossed
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # every grid point once per seed
+    probe_task: str | None = None  # a task YAML (classes, splits); its dataset is the pretraining one
+    rank_by: Literal["val_probe_macro_auroc", "val_recon_loss"] = "val_probe_macro_auroc"
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(3.0, gt=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _axes(cls, v: dict[str, list]) -> dict[str, list]:
+        empty = [key for key, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"grid axes without values: {empty}")
+        if "seed" in v or "name" in v:
+            raise ValueError("the grid sets neither `seed` (use seeds:) nor `name` (trials are named <name>-<index>)")
+        return v
+
+    @model_validator(mode="after")
+    def _probe_for_probe_ranking(self) -> "PretrainSweepConfig":
+        if self.rank_by == "val_probe_macro_auroc" and self.probe_task is None:
+            raise ValueError("rank_by: val_probe_macro_auroc needs a probe_task (or rank_by: val_recon_loss)")
+        return self
 
 
 # -------------------------------------------------------------------------------------- downstream

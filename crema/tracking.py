@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 TAG_KIND = "crema.kind"  # KIND_SWEEP on a sweep's parent run, KIND_TRIAL on its children
 KIND_SWEEP = "sweep"
 KIND_TRIAL = "trial"
+KIND_PRETRAIN_SWEEP = "pretrain_sweep"  # on a pretraining sweep's parent run; its trials are pretraining runs
 TAG_ENCODER_PATH = "encoder_path"  # on a pretraining run: the encoder artifact it wrote
 TAG_ENCODER_ARTIFACT = "encoder_artifact"  # on a downstream run: the artifact it evaluated
 TAG_ENCODER_RUN_ID = "encoder_run_id"  # on a downstream run: the pretraining run of its encoder
@@ -473,10 +474,41 @@ def sweep_run(tracking_uri: str, experiment_id: str, run_name: str, tags: Mappin
         yield parent.info.run_id
 
 
+@contextmanager
+def pretrain_sweep_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, object],
+                       sweep_yaml: dict) -> Iterator[str]:
+    """A pretraining sweep's parent run, active inside the block (its trials' runs nest under it); yields its id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(experiment, tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={TAG_KIND: KIND_PRETRAIN_SWEEP}) as parent:
+        mlflow.log_params(dict(params))
+        mlflow.log_text(yaml.safe_dump(sweep_yaml, sort_keys=False), "sweep.yaml")
+        yield parent.info.run_id
+
+
+def log_sweep_table(table: pd.DataFrame, best_run_name: str | None) -> None:
+    """On the active pretraining sweep run: every trial's settings and scores, and which one ranked first."""
+    mlflow.log_text(table.to_csv(index=False), "trials.csv")
+    mlflow.log_table(table, "trials.json")
+    if best_run_name:
+        mlflow.set_tag("best_trial_run_name", best_run_name)
+
+
+def log_run_metric(tracking_uri: str, run_id: str, key: str, value: float) -> None:
+    """A metric on a run that is not the active one (a trial's score, computed after its job closed the run)."""
+    MlflowClient(tracking_uri).log_metric(run_id, key, value)
+
+
 def record_best_trial(best_trial_id: str, best_run_id: str | None, best_config: dict) -> None:
     """On the active sweep run: which trial won, and its hyperparameters."""
     mlflow.set_tags({"best_trial_id": best_trial_id, "best_trial_run_id": best_run_id})
     mlflow.log_dict(best_config, "best_config.json")
+
+
+def nested_run_tags(parent_run_id: str | None) -> dict[str, str]:
+    """The tags that nest a run under a sweep's parent run (none without a parent)."""
+    return {TAG_PARENT_RUN_ID: parent_run_id, TAG_KIND: KIND_TRIAL} if parent_run_id else {}
 
 
 def start_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tags: Mapping[str, str],

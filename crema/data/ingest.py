@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 
 from crema.config import ConfigError, IngestConfig, SourceConfig
 from crema.data.catalog import read_manifest, write_data_files
-from crema.data.labels import LabelIndex, pseudonymise
+from crema.data.labels import LabelIndex, LabelMapper, pseudonymise
 from crema.data.readers import Reader, reader_for
 from crema.data.schema import DUPLICATE_DETAIL, JOINED_DETAIL, MANIFEST_SCHEMA, twin_of, window_schema
 from crema.data.signals import (N_LEADS, UNITS_MV, UNITS_NORMALIZED, RecordRejected, is_normalized_unit, to_canonical,
@@ -81,6 +81,10 @@ class SourceSummary:
     unmatched_label_rows: int = 0
     has_label_table: bool = False
     records_without_labels: int = 0  # by the label table (header labels come on top)
+    # Label-table statements that no label map of the source matches: statement -> records holding it.
+    unmapped_labels: Counter = field(default_factory=Counter)
+    # Records whose own (header) statements no map fully matches (manifest flag UNMAPPED_LABELS_FLAG).
+    records_with_unmapped_header_labels: int = 0
     reasons: Counter = field(default_factory=Counter)
 
 
@@ -113,11 +117,11 @@ def plan(sources: list[SourceConfig], key: bytes) -> tuple[pa.Table, dict[str, S
     """Every record of every source (WORK_SCHEMA), and a summary per source with its counts so far."""
     plans, summaries = [], {}
     for source in sources:
-        table, unmatched = plan_source(source, key)
+        table, unmatched, unmapped = plan_source(source, key)
         without = sum(1 for labels in table["labels"].to_pylist() if not labels)
         summaries[source.name] = SourceSummary(source.name, discovered=len(table), unmatched_label_rows=unmatched,
                                                has_label_table=source.labels is not None,
-                                               records_without_labels=without)
+                                               records_without_labels=without, unmapped_labels=unmapped)
         plans.append(table)
     return pa.concat_tables(plans), summaries
 
@@ -128,8 +132,9 @@ def pseudonymous_record_id(record_id: str, source: str, key: bytes) -> str:
     return "r-" + hmac.new(key, f"record\x1f{source}\x1f{record_id}".encode(), hashlib.sha256).hexdigest()[:24]
 
 
-def plan_source(source: SourceConfig, key: bytes) -> tuple[pa.Table, int]:
-    """Every record of the source with its labels, patient key and split; and unmatched label rows."""
+def plan_source(source: SourceConfig, key: bytes) -> tuple[pa.Table, int, Counter]:
+    """Every record of the source with its labels, patient key and split; the label rows matching no record;
+    and the label-table statements no label map matches (statement -> records)."""
     reader = reader_for(source)
     if source.records is None and not reader.fs.exists(reader.root):
         raise ConfigError(f"source {source.name}: path {source.path} does not exist")
@@ -156,12 +161,16 @@ def plan_source(source: SourceConfig, key: bytes) -> tuple[pa.Table, int]:
         "split": [i.split for i in infos],
         "path_id": record_ids,
     }, schema=WORK_SCHEMA)
-    return table, len(index.unmatched(record_ids)) if source.labels else 0
+    unmapped = Counter(statement for info in infos for statement in info.unmapped)
+    return table, len(index.unmatched(record_ids)) if source.labels else 0, unmapped
 
 
 # ----------------------------------------------------------------------------------- fingerprint
 
 _READERS: dict[str, Reader] = {}
+_LABEL_MAPPERS: dict[str, LabelMapper] = {}
+# Manifest flag of a record whose own statements (header labels) hold some that no label map matches.
+UNMAPPED_LABELS_FLAG = "unmapped_labels"
 
 
 def _reader(source: SourceConfig, max_record_seconds: float | None = None) -> Reader:
@@ -173,6 +182,14 @@ def _reader(source: SourceConfig, max_record_seconds: float | None = None) -> Re
             reader.max_record_seconds = max_record_seconds  # refuse absurd headers before allocating
         _READERS[key] = reader
     return _READERS[key]
+
+
+def _label_mapper(source: SourceConfig) -> LabelMapper:
+    """One label mapper per source per worker process: a table map reads its CSV once."""
+    key = source.model_dump_json()
+    if key not in _LABEL_MAPPERS:
+        _LABEL_MAPPERS[key] = LabelMapper(source)
+    return _LABEL_MAPPERS[key]
 
 
 def fingerprint_batch(batch: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str]) -> pa.Table:
@@ -364,10 +381,16 @@ def join_patients(manifest: pa.Table, pairs: list, records: pa.Table, committed:
     return pa.Table.from_pylist(rows, schema=manifest.schema), rekeyed
 
 
+# Source keys added after datasets were committed with this fingerprint: left unset, they stay out of it,
+# so that a new optional key does not re-ingest every source of every dataset.
+SOURCE_KEYS_ADDED_LATER = ("variable", "label_maps")
+
+
 def config_fingerprint(source: SourceConfig, cfg: IngestConfig) -> str:
     """What the windows of a source depend on, besides its bytes: changing any re-ingests it."""
     relevant = cfg.model_dump(exclude={"max_reject_fraction", "records_per_task", "storage_options", "catalog"})
-    blob = json.dumps([source.model_dump(exclude={"storage_options", "max_reject_fraction"}), relevant],
+    unset = {key for key in SOURCE_KEYS_ADDED_LATER if getattr(source, key) in (None, [])}
+    blob = json.dumps([source.model_dump(exclude={"storage_options", "max_reject_fraction", *unset}), relevant],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -416,9 +439,8 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
                     if reason is not None:
                         raise RecordRejected(reason, detail or "")
                 raw = reader.read(rec["path_id"])
-            use_header = source.header_labels if source.header_labels is not None else source.labels is None
-            if use_header and raw.meta.get("labels"):
-                rec["labels"] = sorted(set(rec["labels"] or ()) | set(raw.meta["labels"]))
+            from_header = _label_mapper(source).header_labels(raw.meta)
+            rec["labels"] = sorted(set(rec["labels"] or ()) | set(from_header.labels))
             canonical = to_canonical(raw, cfg.normalise_options(source))
             stored = as_stored(canonical.signal, storage_dtype)  # once per record, not per window
             cut = windows(dataclasses.replace(canonical, signal=stored), cfg.window_s, cfg.stride_s, cfg.pad_short)
@@ -430,7 +452,7 @@ def window_batch(batch: pa.Table, sources: dict[str, SourceConfig], cfg: IngestC
             continue
         masks = (canonical.lead_mask.tolist(), canonical.derived_mask.tolist(), list(canonical.lead_quality))
         content = canonical_hash(stored, canonical.lead_mask)
-        flags = ",".join(canonical.flags) or None
+        flags = ",".join([*canonical.flags, *([UNMAPPED_LABELS_FLAG] if from_header.unmapped else [])]) or None
         stats = record_stats(raw, canonical)
         for w in cut:
             add_row(rec, status="ok", n_windows=len(cut), window=w, masks=masks, content=content, flags=flags,
@@ -559,6 +581,8 @@ def summarise(output: str, summaries: dict[str, SourceSummary], manifest: pa.Tab
             counts.reasons[row["reason"]] += 1
         if "normalised_amplitude" in (row.get("flags") or ""):
             counts.normalised += 1
+        if UNMAPPED_LABELS_FLAG in (row.get("flags") or ""):
+            counts.records_with_unmapped_header_labels += 1
         twin = twin_of(row.get("detail"))
         if twin is not None:
             counts.duplicate_kept += row["status"] == "ok"

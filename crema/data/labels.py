@@ -1,23 +1,27 @@
-"""Per-record labels, patients and splits from a source's label table.
+"""Per-record labels, patients and splits from a source's label table, and its label maps.
 
 Only three things leave the label table: canonical label codes, the patient id (pseudonymised
 before it is stored) and the split. Free text, names and dates in other columns are never read
-into the dataset.
+into the dataset. A source's label maps (:class:`LabelMapper`) turn its codes or statements, from the
+table or from the records themselves, into canonical codes; what they leave unmatched is reported.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import hashlib
 import hmac
 import os
 import posixpath
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import fsspec
 import pandas as pd
 
-from crema.config import ConfigError, HashSplit, LabelMap, SourceConfig
+from crema.config import ConfigError, HashSplit, LabelMap, LabelRule, SourceConfig
 
 PSEUDONYM_KEY_ENV = "CREMA_PSEUDONYM_KEY"
 # Preferred on clusters: a file holding the key (a mounted Secret, a 0600 file on the nodes), so that the
@@ -30,6 +34,7 @@ class RecordInfo:
     labels: tuple[str, ...]
     patient_id: str
     split: str
+    unmapped: tuple[str, ...] = ()  # the label-table statements no label map of the source matches
 
 
 def record_stem(name: str) -> str:
@@ -120,7 +125,8 @@ def _parse_codes(value: str, fmt: str, separator: str | None = None) -> dict[str
 
 
 def _build_map(spec: LabelMap, source: SourceConfig) -> dict[str, str]:
-    """Source code -> canonical code, from the label map (a table or inline)."""
+    """Source code -> canonical code, from a table label map."""
+    assert spec.table is not None  # LabelMap validates: a map without rules has a table
     table = _read_csv(source.resolve(spec.table), source.storage_options)
     key_column = spec.key_column or table.columns[0]
     for column, wanted in spec.where.items():
@@ -129,6 +135,92 @@ def _build_map(spec: LabelMap, source: SourceConfig) -> dict[str, str]:
         table = table[pd.to_numeric(table[column], errors="coerce").eq(wanted) | table[column].eq(str(wanted))]
     values = table[spec.value_column] if spec.value_column else table[key_column]
     return {k: v for k, v in zip(table[key_column], values) if v}
+
+
+def normalise_statement(statement: str) -> str:
+    """A statement as label rules match it: spaces collapsed, final periods dropped (case is ignored by the
+    matching itself): "Rhythm: Sinus rhythm. " and "rhythm: sinus rhythm" are one statement."""
+    return " ".join(statement.split()).rstrip(". ")
+
+
+def _rule_matches(rule: LabelRule, statement: str) -> bool:
+    """Whether `rule` matches a normalised statement, ignoring case."""
+    if rule.statement is not None:
+        return normalise_statement(rule.statement).casefold() == statement.casefold()
+    if rule.glob is not None:
+        return fnmatch.fnmatchcase(statement.casefold(), normalise_statement(rule.glob).casefold())
+    return re.fullmatch(rule.regex or "", statement, re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True)
+class MappedLabels:
+    labels: tuple[str, ...]  # canonical codes, sorted
+    unmapped: tuple[str, ...]  # the statements no map matched, as given
+
+
+class LabelMapper:
+    """A source's label maps (`label_maps`), ready to apply to a record's codes or statements.
+
+    Every map is tried on every statement and their codes are united; a statement that none matches is
+    unmapped. A table map matches its keys exactly; a rules map takes its first matching rule. Without any
+    map, codes (SCP, SNOMED CT) are kept as they are and free-text statements (MUSE) are all unmapped,
+    since only a map decides which statement strings may reach the dataset."""
+
+    def __init__(self, source: SourceConfig):
+        self.source = source
+        self.maps = source.label_maps
+        self.tables = [_build_map(m, source) if m.table is not None else {} for m in self.maps]
+        self._matches: dict[str, list[tuple[str, float | None]] | None] = {}  # memoised per statement
+
+    def _matches_of(self, statement: str) -> list[tuple[str, float | None]] | None:
+        """(code, its map's min_likelihood) from every map matching `statement`; None when none matches."""
+        if statement not in self._matches:
+            found: list[tuple[str, float | None]] | None = None
+            normalised = normalise_statement(statement)
+            for spec, table in zip(self.maps, self.tables):
+                codes = self._one_map(spec, table, statement, normalised)
+                if codes is not None:
+                    found = (found or []) + [(code, spec.min_likelihood) for code in codes]
+            self._matches[statement] = found
+        return self._matches[statement]
+
+    @staticmethod
+    def _one_map(spec: LabelMap, table: dict[str, str], statement: str, normalised: str) -> list[str] | None:
+        if spec.table is not None:
+            return [table[statement]] if statement in table else None
+        rule = next((r for r in spec.rules if _rule_matches(r, normalised)), None)
+        return None if rule is None else list(rule.to)
+
+    def map(self, codes: Mapping[str, float | None] | Iterable[str], free_text: bool = False) -> MappedLabels:
+        """Canonical codes of one record's `codes` ({code: likelihood} or codes), and what no map matched.
+        `free_text`: statements (not codes), which are never kept without a map."""
+        given = dict(codes) if isinstance(codes, Mapping) else dict.fromkeys(codes)
+        if not self.maps:
+            return MappedLabels((), tuple(given)) if free_text else MappedLabels(tuple(sorted(given)), ())
+        labels: set[str] = set()
+        unmapped = []
+        for statement, likelihood in given.items():
+            matches = self._matches_of(statement)
+            if matches is None:
+                unmapped.append(statement)
+                continue
+            labels.update(code for code, min_lik in matches
+                          if min_lik is None or likelihood is None or likelihood >= min_lik)
+        for spec in self.maps:
+            labels -= {code for code, cancelling in spec.unless.items() if labels & set(cancelling)}
+        return MappedLabels(tuple(sorted(labels)), tuple(unmapped))
+
+    def header_labels(self, meta: dict) -> MappedLabels:
+        """The labels a reader found in the record itself, mapped: codes (`meta["labels"]`: Challenge SNOMED CT)
+        and free-text statements (`meta["statements"]`: MUSE). None where the source says `header_labels:
+        false` (its default when it has a label table)."""
+        use = self.source.header_labels if self.source.header_labels is not None else self.source.labels is None
+        if not use:
+            return MappedLabels((), ())
+        codes = self.map(meta.get("labels") or ())
+        statements = self.map(meta.get("statements") or (), free_text=True)
+        return MappedLabels(tuple(sorted(set(codes.labels) | set(statements.labels))),
+                            codes.unmapped + statements.unmapped)
 
 
 class LabelIndex:
@@ -147,31 +239,28 @@ class LabelIndex:
         missing = [c for c in needed if c not in table.columns]
         if missing:
             raise ConfigError(f"label table {spec.table}: missing columns {missing}")
-        maps = [(_build_map(m, source), m.min_likelihood) for m in spec.maps]
+        mapper = LabelMapper(source)
         split_of = {str(v): name for name, values in spec.split_values.items() for v in values}
         for row in table[needed].itertuples(index=False):
             fields = dict(zip(needed, row))
             codes = {}
             for column in label_columns:
                 codes.update(_parse_codes(fields.get(column, ""), spec.label_format, spec.label_separator))
-            if maps:
-                labels = {mapping[c] for mapping, min_lik in maps for c, lik in codes.items()
-                          if c in mapping and (min_lik is None or lik is None or lik >= min_lik)}
-            else:
-                labels = set(codes)
+            mapped = mapper.map(codes)
             patient = fields.get(spec.patient_column, "") if spec.patient_column else ""
             split = ""
             if spec.split_column:
                 raw_split = fields[spec.split_column].strip()
                 split = split_of.get(raw_split) or split_of.get(raw_split.split(".")[0], "")
-            self.rows[record_stem(fields[spec.record_column])] = RecordInfo(tuple(sorted(labels)), patient, split)
+            self.rows[record_stem(fields[spec.record_column])] = RecordInfo(mapped.labels, patient, split,
+                                                                           mapped.unmapped)
 
     def lookup(self, record_id: str) -> RecordInfo:
         """Labels, patient and split of a record; a record with no label row gets no labels and is its own patient."""
         info = self.rows.get(record_stem(record_id))
         patient = (info.patient_id if info else "") or record_id
         split = (info.split if info else "") or hash_split(self.source.name, patient, self.source.hash_split)
-        return RecordInfo(info.labels if info else (), patient, split)
+        return RecordInfo(info.labels if info else (), patient, split, info.unmapped if info else ())
 
     def unmatched(self, record_ids: list[str]) -> list[str]:
         """Label rows whose record is not in the source (a normal case: a partial download, say)."""

@@ -9,7 +9,7 @@ few records without writing any dataset, and draws each as a 12-lead PNG for a v
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +23,7 @@ import pyarrow.compute as pc  # noqa: E402
 from fsspec.core import url_to_fs  # noqa: E402
 
 from crema.config import IngestConfig, SourceConfig  # noqa: E402
-from crema.data.labels import label_name  # noqa: E402
+from crema.data.labels import LabelIndex, LabelMapper, label_name  # noqa: E402
 from crema.data.readers import reader_for  # noqa: E402
 from crema.data.schema import JOINED_DETAIL, twin_of  # noqa: E402
 from crema.data.signals import LEADS, RecordRejected, to_canonical  # noqa: E402
@@ -149,6 +149,8 @@ class CheckedRecord:
     lead_quality: list[str] | None
     flags: list[str]
     png: str | None
+    labels: list[str] = field(default_factory=list)  # after the source's label maps
+    unmapped_labels: list[str] = field(default_factory=list)  # the statements no label map matches
 
 
 def check_source(source: SourceConfig, cfg: IngestConfig, n_records: int, out_dir: Path) -> list[CheckedRecord]:
@@ -156,6 +158,7 @@ def check_source(source: SourceConfig, cfg: IngestConfig, n_records: int, out_di
     reader = reader_for(source)
     reader.max_record_seconds = cfg.max_record_seconds
     out_dir.mkdir(parents=True, exist_ok=True)
+    index, mapper = LabelIndex(source), LabelMapper(source)
     checked = []
     for record_id in reader.discover()[:n_records]:
         try:
@@ -172,8 +175,11 @@ def check_source(source: SourceConfig, cfg: IngestConfig, n_records: int, out_di
         fig = plot_12_lead(canonical.signal, canonical.fs, canonical.lead_quality, f"{source.name}/{record_id}")
         fig.savefig(png, dpi=70)
         plt.close(fig)
+        table, header = index.lookup(record_id), mapper.header_labels(raw.meta)
         checked.append(CheckedRecord(record_id, "ok", None, float(raw.fs), canonical.signal.shape[1] / canonical.fs,
-                                     list(canonical.lead_quality), list(canonical.flags), str(png)))
+                                     list(canonical.lead_quality), list(canonical.flags), str(png),
+                                     sorted(set(table.labels) | set(header.labels)),
+                                     [*table.unmapped, *header.unmapped]))
     return checked
 
 

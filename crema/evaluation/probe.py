@@ -24,6 +24,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from crema.evaluation.tasks import LabelledWindows
 from crema.train.optim import warmup_cosine
 from crema.train.engine_finetune import multilabel_loss
 
@@ -132,3 +133,12 @@ def fit_converged_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndar
             best = ConvergedProbe(c, float(val), pipeline)
     assert best is not None, "cs is empty"
     return best
+
+
+def converged_probe_val_auroc(z_train: np.ndarray, train: LabelledWindows, z_val: np.ndarray,
+                              val: LabelledWindows) -> float:
+    """The validation records' macro AUROC of the converged probe (C chosen on them): a pretraining trial's
+    score, which leaves the test split unread."""
+    probe = fit_converged_probe(z_train, train.y, z_val, val.y,
+                                score=lambda _, window_scores: val.macro_auroc(window_scores))
+    return probe.val_macro_auroc

@@ -40,6 +40,23 @@ def random_masking(cfg: ModelConfig, lead_mask: torch.Tensor,
     return ~visible
 
 
+def crop_masking(cfg: ModelConfig, lead_mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Like :func:`random_masking`, but the K visible patches of a window all lie in one random crop in time
+    of ``crop_fraction`` of it (the same crop for every lead): a view of another stretch of the recording,
+    as CLOCS / CMSC pair segments of one record (the contrastive view ``crop``)."""
+    b, n, k = lead_mask.shape[0], cfg.num_patches, num_visible_patches(cfg)
+    width = min(n, max(k, round(n * cfg.crop_fraction)))
+    start = (random_draw((b, 1, 1), lead_mask.device, generator) * (n - width + 1)).floor()  # (B, 1, 1)
+    shape = (b, 1, n) if cfg.mask_mode == "time" else (b, N_LEADS, n)
+    noise = random_draw(shape, lead_mask.device, generator)                    # (B, 1 or 12, N), all < 1
+    position = torch.arange(n, device=lead_mask.device)
+    in_crop = (position >= start) & (position < start + width)                # (B, 1, N)
+    rank = torch.where(in_crop, noise, 2.0).argsort(dim=-1).argsort(dim=-1)    # patches outside rank last
+    visible = (rank < k).expand(b, N_LEADS, n) & lead_mask[:, :, None]
+    return ~visible
+
+
 def visible_index(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the visible patches of every lead, padded to the largest count in the batch.
 

@@ -31,7 +31,8 @@ the leads actually recorded.
 
 CR-MAE. View 1 is the MAE view (masked, not augmented): its reconstruction of the hidden patches is
 the MSE term. When the contrastive weight lambda > 0, a second view of the same windows, masked
-independently and (optionally) amplitude-scaled and noised, is encoded too; the projected pooled
+independently (or showing one crop in time of the window only: ``contrastive_view: crop``) and
+(optionally) amplitude-scaled and noised, is encoded too; the projected pooled
 embeddings of the two views enter NT-Xent with negatives from the global batch of every rank
 (:mod:`crema.model.losses`). With lambda == 0 the second view is never built, so the loss, the random
 numbers drawn and the cost are exactly those of the plain MAE.
@@ -48,7 +49,7 @@ from torch import nn
 from crema.config import ModelConfig
 from crema.data.signals import N_LEADS
 from crema.model.losses import nt_xent
-from crema.model.masking import key_padding_mask, random_draw, random_masking, visible_index
+from crema.model.masking import crop_masking, key_padding_mask, random_draw, random_masking, visible_index
 
 STEM_CHANNELS = (16, 32)
 STEM_KERNELS = (7, 5)
@@ -86,20 +87,21 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return 4.0 ** (1 - torch.arange(num_heads, dtype=torch.float32))
 
 
-def attention_bias(times: torch.Tensor, valid: torch.Tensor, slopes: torch.Tensor | None) -> torch.Tensor | None:
-    """The additive SDPA mask (B, heads, S, S): -slope * |time distance|, and -inf for invalid keys.
+def attention_bias(query_times: torch.Tensor, key_times: torch.Tensor, key_valid: torch.Tensor,
+                   slopes: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive SDPA mask (B, heads, Q, S): -slope * |time distance|, and -inf for invalid keys.
 
-    times: (B or 1, S) patch index of every token, NaN for SEP tokens; valid: (B, S) bool keys.
-    None when there is nothing to add (no slopes, every key valid), which keeps flash attention.
+    query_times (B or 1, Q), key_times (B or 1, S): patch index of every token, NaN for SEP tokens;
+    key_valid: (B, S) bool. None when there is nothing to add (no slopes, every key valid), which keeps
+    flash attention.
     """
-    keys = key_padding_mask(valid)                                             # (B, 1, 1, S) bool or None
+    keys = key_padding_mask(key_valid)                                         # (B, 1, 1, S) bool or None
     if slopes is None:
         return keys
-    is_sep = torch.isnan(times)
-    distance = (times[:, :, None] - times[:, None, :]).abs()                  # (B, S, S)
-    distance = torch.where(is_sep[:, None, :], torch.ones_like(distance), distance)  # patch -> SEP: 1
-    distance = torch.where(is_sep[:, :, None], torch.zeros_like(distance), distance)  # SEP -> all: 0
-    bias = -slopes.to(distance)[None, :, None, None] * distance[:, None]       # (B, heads, S, S)
+    distance = (query_times[:, :, None] - key_times[:, None, :]).abs()        # (B, Q, S)
+    distance = torch.where(torch.isnan(key_times)[:, None, :], torch.ones_like(distance), distance)  # -> SEP: 1
+    distance = torch.where(torch.isnan(query_times)[:, :, None], torch.zeros_like(distance), distance)  # SEP -> all: 0
+    bias = -slopes.to(distance)[None, :, None, None] * distance[:, None]       # (B, heads, Q, S)
     if keys is not None:
         bias = bias.masked_fill(~keys, float("-inf"))
     return bias
@@ -154,6 +156,25 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, s, d))              # (B, S, D)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of query tokens over a memory of other tokens, through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, q_len, d = x.shape                                                # x: (B, Q, D)
+        heads, width = self.num_heads, d // self.num_heads
+        q = self.q(x).reshape(b, q_len, heads, width).transpose(1, 2)       # (B, heads, Q, D / heads)
+        k, v = self.kv(memory).reshape(b, memory.shape[1], 2, heads, width).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, Q, D / heads)
+        return self.proj(out.transpose(1, 2).reshape(b, q_len, d))          # (B, Q, D)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
@@ -169,6 +190,23 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm decoder block of CrossMAE: the queries attend to the memory only, never to each other."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm_query = nn.LayerNorm(dim)
+        self.norm_memory = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm_query(x), self.norm_memory(memory), attn_mask)
+        return x + self.mlp(self.norm2(x))
 
 
 def stem_out_len(length: int, kernel: int) -> int:
@@ -264,7 +302,8 @@ class SiTEncoder(nn.Module):
         valid = torch.cat([lead_mask[:, :, None], token_valid], dim=2)         # (B, 12, 1 + K)
         per_lead = seq.shape[2]
         h = seq.reshape(b, N_LEADS * per_lead, -1)                             # (B, 12 * (1 + K), D)
-        attn_mask = attention_bias(token_times(ids), valid.reshape(b, -1), self.slopes)  # (B, heads, S, S) or None
+        times = token_times(ids)                                               # (B or 1, S)
+        attn_mask = attention_bias(times, times, valid.reshape(b, -1), self.slopes)  # (B, heads, S, S) or None
         for block in self.blocks:
             h = block(h, attn_mask)                                            # (B, 12 * (1 + K), D)
         return self.norm(h).reshape(b, N_LEADS, per_lead, -1)                  # (B, 12, 1 + K, D)
@@ -333,11 +372,66 @@ class MAEDecoder(nn.Module):
         x = seq.reshape(b, N_LEADS * per_lead, dim)                            # (B, 12 * (1 + N), D_dec)
         times = token_times(torch.arange(self.num_patches, device=x.device).expand(1, N_LEADS, -1))  # (1, S)
         valid = lead_mask[:, :, None].expand(b, N_LEADS, per_lead).reshape(b, -1)  # (B, S)
-        attn_mask = attention_bias(times, valid, self.slopes)                  # (1 or B, heads, S, S) or None
+        attn_mask = attention_bias(times, times, valid, self.slopes)           # (1 or B, heads, S, S) or None
         for block in self.blocks:
             x = block(x, attn_mask)                                            # (B, 12 * (1 + N), D_dec)
         x = self.norm(x).reshape(b, N_LEADS, per_lead, dim)[:, :, 1:]          # (B, 12, N, D_dec): SEP slots dropped
         return self.pred(x)                                                    # (B, 12, N, P)
+
+
+class CrossDecoder(nn.Module):
+    """A cheaper decoder (CrossMAE): one query per hidden patch, attending only to the encoded visible tokens.
+
+    The self-attention decoder runs 12 x (1 + N) tokens through every block, attention over all pairs of
+    them; here only the 12 x (N - K) hidden patches are computed, each looking at the 12 x (1 + K)
+    encoded tokens (with the same time-distance bias), which measured about twice the pretraining
+    samples per CPU-second of the tiny model at 100 Hz (benchmarks.pretrain).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.decoder_embed_dim
+        self.num_patches = cfg.num_patches
+        self.embed = nn.Linear(cfg.embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.lead_embed = nn.Parameter(torch.zeros(N_LEADS, dim))
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.register_buffer("pos_embed", sincos_position_embedding(cfg.num_patches, dim), persistent=False)
+        self.register_buffer("slopes", alibi_slopes(cfg.decoder_num_heads) if cfg.time_bias else None,
+                             persistent=False)
+        self.blocks = nn.ModuleList(CrossBlock(dim, cfg.decoder_num_heads, cfg.mlp_ratio)
+                                    for _ in range(cfg.decoder_depth))
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, cfg.patch_size)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.lead_embed, std=0.02)
+
+    def forward(self, latent: torch.Tensor, lead_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """latent (B, 12, 1 + K, D_enc), mask (B, 12, N) True = hidden -> predicted patches (B, 12, N, P),
+        zero at the visible patches (nothing is predicted there)."""
+        h = self.embed(latent)                                                 # (B, 12, 1 + K, D_dec)
+        b, dim = h.shape[0], h.shape[-1]
+        lead = self.lead_embed[None, :, None, :]                               # (1, 12, 1, D_dec)
+        visible_ids, visible_kept = visible_index(~mask)                       # (B, 12, K) each
+        memory = torch.cat([h[:, :, :1], h[:, :, 1:] + self.pos_embed[visible_ids]], dim=2) + lead
+        memory_valid = torch.cat([lead_mask[:, :, None], visible_kept & lead_mask[:, :, None]], dim=2)
+        # Queries: every lead has the same count M of hidden patches, except missing leads (all hidden),
+        # which pad the others; a padding query points at a visible patch and predicts nothing.
+        hidden_ids, hidden_kept = visible_index(mask)                          # (B, 12, M) each
+        queries = (self.mask_token.to(h.dtype) + self.pos_embed[hidden_ids] + lead).reshape(b, -1, dim)
+        attn_mask = attention_bias(hidden_ids.float().reshape(b, -1), token_times(visible_ids),
+                                   memory_valid.reshape(b, -1), self.slopes)  # (B, heads, 12 M, 12 (1 + K))
+        memory = memory.reshape(b, -1, dim)                                    # (B, 12 (1 + K), D_dec)
+        for block in self.blocks:
+            queries = block(queries, memory, attn_mask)                        # (B, 12 M, D_dec)
+        pred = self.pred(self.norm(queries)).reshape(b, N_LEADS, hidden_ids.shape[2], -1)  # (B, 12, M, P)
+        pred = pred * hidden_kept[..., None].to(pred.dtype)
+        full = pred.new_zeros(b, N_LEADS, self.num_patches, pred.shape[-1])    # (B, 12, N, P)
+        return full.scatter(2, hidden_ids[..., None].expand_as(pred), pred)
 
 
 # ----------------------------------------------------------------------------------------- CREMA
@@ -360,7 +454,7 @@ class CREMA(nn.Module):
         cfg = cfg.resolved()
         self.cfg = cfg
         self.encoder = SiTEncoder(cfg)
-        self.decoder = MAEDecoder(cfg)
+        self.decoder = CrossDecoder(cfg) if cfg.decoder == "cross_attention" else MAEDecoder(cfg)
         # Only built when used: DDP rejects parameters that never receive a gradient.
         self.projector = None
         if cfg.contrastive_weight > 0:
@@ -415,10 +509,13 @@ class CREMA(nn.Module):
 
     def forward_contrastive(self, x: torch.Tensor, lead_mask: torch.Tensor, latent: torch.Tensor,
                             record_group: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        """NT-Xent between the MAE view (its `latent`) and a second, independently masked view."""
+        """NT-Xent between the MAE view (its `latent`) and a second, independently masked (or cropped) view."""
         if self.cfg.positives == "record" and record_group is None:
             raise ValueError("positives='record' needs record_group (one integer id per window's record)")
-        mask2 = self.random_masking(lead_mask, generator)                     # (B, 12, N)
+        if self.cfg.contrastive_view == "crop":
+            mask2 = crop_masking(self.cfg, lead_mask, generator)              # (B, 12, N)
+        else:
+            mask2 = self.random_masking(lead_mask, generator)                 # (B, 12, N)
         x2 = self.augment(x, lead_mask, generator) if self.cfg.augment else x  # (B, 12, L)
         latent2 = self.forward_encoder(x2, lead_mask, mask2)                   # (B, 12, 1 + K, D)
         z1 = self.projector(SiTEncoder.pool(latent, lead_mask))               # (B, projection_dim)

@@ -17,6 +17,7 @@ from crema.stages import demo as demo_stage
 from crema.stages import finetune as finetune_stage
 from crema.stages import ingest as ingest_stage
 from crema.stages import pretrain as pretrain_stage
+from crema.stages import sweep_pretrain as sweep_pretrain_stage
 from crema.stages import probe as probe_stage
 from crema.stages.common import exit_2_on_config_error
 
@@ -49,6 +50,7 @@ def setup(
 
 app.command("ingest")(ingest_stage.main)
 app.command("pretrain")(pretrain_stage.main)
+app.command("sweep-pretrain")(sweep_pretrain_stage.main)
 app.command("probe")(probe_stage.main)
 app.command("finetune")(finetune_stage.main)
 app.command("compare")(compare_stage.main)
@@ -130,7 +132,9 @@ def check(
         what = f"ok  fs={r.fs:g} Hz  {r.duration_s:.1f} s  {leads or 'all leads ok'}" if r.status == "ok" \
             else f"rejected  {r.reason}"
         flags = f"  flags: {','.join(r.flags)}" if r.flags else ""
-        typer.echo(f"{r.record_id:<32} {what}{flags}" + (f"  → {r.png}" if r.png else ""))
+        labels = f"  labels: {','.join(r.labels)}" if r.labels else ""
+        unmapped = f"  unmapped: {' | '.join(r.unmapped_labels)}" if r.unmapped_labels else ""
+        typer.echo(f"{r.record_id:<32} {what}{flags}{labels}{unmapped}" + (f"  → {r.png}" if r.png else ""))
 
 
 @dataset_app.command("drop-source")

@@ -41,13 +41,13 @@ from crema.stages.common import init_ray
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, cluster_gpus,
                                 prepare_task, run_sweep, select_encoders, sweep_command, trial_run)
 from crema.train.artifacts import CLASSIFIER_FILE, save_classifier
+from crema.train.checkpoint import load_weights, save_weights
 from crema.train.engine_finetune import (Classifier, build_optimizer, multilabel_loss, predict, train_one_epoch,
                                          with_drop_path)
 from crema.train.optim import warmup_cosine
 from crema.train.precision import autocast_dtype
 
 console = Console()
-STATE_FILE = "classifier.pt"
 HYPERPARAMETERS = ("lr", "weight_decay", "layer_decay", "drop_path")
 
 
@@ -92,7 +92,7 @@ def finetune_trial(config: dict, *, context: TrialContext, encoder_blob: bytes, 
             scores = predict(model, window_batches(model, val_windows, sweep.batch_size), device=device,
                              amp_dtype=dtype)
             metrics = {"epoch": epoch, "train_loss": train_loss, METRIC: val.macro_auroc(scores)}
-            reporter.report(metrics, lambda folder: torch.save(model.state_dict(), os.path.join(folder, STATE_FILE)))
+            reporter.report(metrics, partial(save_weights, model=model))
 
 
 def score_windows(model: Classifier, batch_size: int, precision: str, *tables: pa.Table) -> list[np.ndarray]:
@@ -122,7 +122,7 @@ def score_best_classifier(result, tags: dict[str, str], *, encoder_blob: bytes, 
     """Score val and test with the chosen checkpoint (in a Ray task with a trial's resources), then log it."""
     model = build_classifier(encoder_blob, result.config["drop_path"], len(classes))
     with result.get_best_checkpoint(METRIC, "max").as_directory() as folder:
-        model.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True))
+        load_weights(folder, model)
     val_scores, test_scores = ray.get(score_task.remote(model, sweep.batch_size, sweep.precision, *tables))
     return BestTrialScores(val_scores, test_scores, log_classifier(model, classes, result.config, tags, sweep))
 

@@ -55,6 +55,7 @@ from crema.stages.common import announce_outputs, exit_2_on_config_error, init_r
 from crema.tracking import redact_uri
 
 EXIT_REJECTS, EXIT_CONFIG, EXIT_DISK_FULL = 1, 2, 3
+UNMAPPED_LISTED = 20  # unmapped label statements named in the summary, the most frequent first
 console = Console()
 # Named for the module also under `python -m` (__name__ is then "__main__", outside crema's log handler).
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
@@ -101,8 +102,9 @@ def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = 
             manifest_new = pa.concat_tables([windowed, changes.settled.cast(windowed.schema)])
             hashes = pa.array([config_hashes[s] for s in manifest_new["source"].to_pylist()], pa.string())
             committed = commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
+            snapshot = committed.current_snapshot()  # None while no run has committed a window (all rejected)
             log.info("committed %d data files of %d records: dataset version %s", len(data_files), len(manifest_new),
-                     committed.current_snapshot().snapshot_id)
+                     snapshot.snapshot_id if snapshot else "none (no windows yet)")
         manifest = committed_manifest(dataset)
     finally:
         end_run(run)
@@ -234,6 +236,15 @@ def print_summary(summary: IngestSummary) -> None:
         if s.has_label_table:
             console.print(f"  {s.name}: labels: {s.discovered - s.records_without_labels} records labelled, "
                           f"{s.records_without_labels} without, {s.unmatched_label_rows} table rows matching no record",
+                          soft_wrap=True)
+        if s.unmapped_labels:
+            listed = ", ".join(f"{statement!r} × {n}" for statement, n in s.unmapped_labels.most_common(UNMAPPED_LISTED))
+            more = len(s.unmapped_labels) - UNMAPPED_LISTED
+            console.print(f"  {s.name}: {len(s.unmapped_labels)} label statements no label map matches (not stored): "
+                          f"{listed}{f', and {more} more' if more > 0 else ''}", soft_wrap=True)
+        if s.records_with_unmapped_header_labels:
+            console.print(f"  {s.name}: {s.records_with_unmapped_header_labels} records hold statements of their own "
+                          f"that no label map matches (manifest flag unmapped_labels; `crema sources check` lists them)",
                           soft_wrap=True)
         for reason, count in s.reasons.most_common():
             console.print(f"  {s.name}: rejected {count} × {reason}")

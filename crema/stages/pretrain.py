@@ -232,8 +232,12 @@ def _checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
     return f"{cfg.storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
-def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
+def run(cfg: PretrainConfig, resume: bool = False, *, parent_run_id: str | None = None,
+        callbacks: tuple = ()) -> PretrainResult:
     """Train (or resume) the job described by `cfg`; returns where its outputs are.
+
+    `parent_run_id`: the MLflow run this job's run is nested under (a sweep's); `callbacks`: Ray Train
+    callbacks (a sweep trial forwards the epochs' validation metrics to Tune with one).
 
     A run of the same name resumes as long as its settings are the same; with other settings it is a
     ConfigError unless `resume` (the run then continues with the new settings). Its MLflow run is continued only
@@ -267,7 +271,8 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             "cfg": cfg.model_dump(mode="json"),
             "plan": asdict(plan),
             "tracking_uri": tracking_uri,
-            "tags": run_tags(cfg.data.dataset, cfg.data.storage_options, version),
+            "tags": {**run_tags(cfg.data.dataset, cfg.data.storage_options, version),
+                     **tracking.nested_run_tags(parent_run_id)},
             "dataset_rows": rows,
             "fixed_val_window": _fixed_val_window(windows, cfg.model.input),
             "log_level": logs.level_name(),
@@ -281,6 +286,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": read_split(cfg, "train", version), "val": read_split(cfg, "val", version)},
     )
@@ -350,6 +356,7 @@ def _setup_worker(config: dict) -> Worker:
     plan = EpochPlan(**config["plan"])
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # DDP broadcasts rank 0's weights anyway; this makes runs reproducible
     model = CREMA(cfg.model).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,

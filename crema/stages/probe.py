@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -41,12 +40,12 @@ from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindow
                                     task_sources)
 from crema.stages.common import init_ray, read_windows_table
 from crema.train import safe_files
+from crema.train.checkpoint import load_weights, save_weights
 from crema.stages.embed import embed_dataset
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, prepare_task,
                                 print_results, run_fitted, run_sweep, select_encoders, sweep_command, trial_run)
 
 console = Console()
-PROBE_FILE = "probe.pt"
 COMPLETE_MARKER = "_COMPLETE"  # written last; a leading "_" keeps Parquet readers off it
 HYPERPARAMETERS = ("lr", "weight_decay")
 
@@ -111,8 +110,7 @@ def probe_trial(config: dict, *, context: TrialContext, z_train: np.ndarray, y_t
                                 epochs=epochs, batch_size=batch_size, seed=seed):
             metrics = {"epoch": step.epoch, "train_loss": step.train_loss,
                        METRIC: val.macro_auroc(predict_probe(step.model, z_val))}
-            reporter.report(metrics, lambda folder: torch.save(step.model.state_dict(),
-                                                               os.path.join(folder, PROBE_FILE)))
+            reporter.report(metrics, partial(save_weights, model=step.model))
 
 
 def load_probe(result, dim: int, num_classes: int) -> LinearProbe:
@@ -120,7 +118,7 @@ def load_probe(result, dim: int, num_classes: int) -> LinearProbe:
     checkpoint = result.get_best_checkpoint(METRIC, "max")
     model = LinearProbe(torch.zeros(dim), torch.ones(dim), num_classes)
     with checkpoint.as_directory() as folder:
-        model.load_state_dict(torch.load(os.path.join(folder, PROBE_FILE), weights_only=True))
+        load_weights(folder, model)
     return model
 
 

@@ -4,6 +4,10 @@ The stage driver decides where a checkpoint folder goes (Ray Train reports it); 
 writes and reads the one file in it: ``state.safetensors``, the tensors as safetensors and everything
 else (optimiser hyperparameters, schedule, position) as JSON metadata. Nothing is unpickled on resume;
 a folder holding anything else (a legacy or crafted ``state.pt``) is refused with :class:`CheckpointError`.
+
+A Ray Tune trial's checkpoint (the probe or classifier of its best epoch so far, :mod:`crema.stages.probe`
+and :mod:`crema.stages.finetune`) is a model's weights alone: ``weights.safetensors``
+(:func:`save_weights`, :func:`load_weights`), refused the same way when it is anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from crema.train import safe_files
 
 STATE_FILE = "state.safetensors"
 FORMAT = "crema-training-state/1"
+WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_FORMAT = "crema-weights/1"
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +53,13 @@ def save_training_state(folder: str, model: nn.Module, optimizer: torch.optim.Op
         f.write(data)
 
 
-def read_training_state(folder: str) -> dict:
-    """The state save_training_state wrote, as plain tensors and JSON values; CheckpointError if it is not one."""
-    path = os.path.join(folder, STATE_FILE)
+def _read_file(folder: str, name: str) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(path, tensors, metadata) of the safetensors file `name` in `folder`; CheckpointError when it is
+    missing or not safetensors (never unpickled)."""
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
         others = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        raise CheckpointError(f"checkpoint {folder} has no {STATE_FILE} (it holds {others}); files other than "
+        raise CheckpointError(f"checkpoint {folder} has no {name} (it holds {others}); files other than "
                               "safetensors (such as a pickled state.pt) are never loaded")
     with open(path, "rb") as f:
         data = f.read()
@@ -60,6 +67,30 @@ def read_training_state(folder: str) -> dict:
         tensors, metadata = safe_files.read(data, path)
     except safe_files.UnsafeArtifactError as err:
         raise CheckpointError(str(err)) from err
+    return path, tensors, metadata
+
+
+def save_weights(folder: str, model: nn.Module) -> None:
+    """Write a model's weights alone into `folder` (WEIGHTS_FILE): a Tune trial's checkpoint."""
+    data = safe_files.write(model.state_dict(), {"format": WEIGHTS_FORMAT})
+    with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
+        f.write(data)
+
+
+def load_weights(folder: str, model: nn.Module) -> None:
+    """Restore what save_weights wrote into `model`; CheckpointError for anything else."""
+    path, tensors, metadata = _read_file(folder, WEIGHTS_FILE)
+    if metadata.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path} is not a crema weights file (format {metadata.get('format')!r})")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:  # other keys or shapes: the checkpoint of another model
+        raise CheckpointError(f"{path} does not match the model: {err}") from err
+
+
+def read_training_state(folder: str) -> dict:
+    """The state save_training_state wrote, as plain tensors and JSON values; CheckpointError if it is not one."""
+    path, tensors, metadata = _read_file(folder, STATE_FILE)
     if metadata.get("format") != FORMAT or "state" not in metadata:
         raise CheckpointError(f"{path} is not a crema training state (format {metadata.get('format')!r})")
     try:

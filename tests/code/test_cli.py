@@ -54,6 +54,57 @@ def test_ingest_cli_success_invalid_config_and_reject_threshold(ptbxl_root, ray_
     assert result.exit_code == 2 and "window_s" in result.output
 
 
+def test_a_source_whose_every_record_is_rejected_is_summarised_committed_and_exits_1(ptbxl_root, ray_local, tmp_path,
+                                                                                     monkeypatch):
+    """No ok record, on a first ingest (no window ever committed) and on later ones (new bad files; a dataset
+    that holds another source's windows): the summary with its reasons, the rejects on record, exit 1."""
+    monkeypatch.setenv("CREMA_PSEUDONYM_KEY", "cli-test-key")
+    folder = ptbxl_root / "records500/00000"
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def add_truncated(name: str, ecg_id: int) -> None:
+        header = (folder / f"{ecg_id:05d}_hr.hea").read_text()
+        (src / f"{name}.hea").write_text(header.replace(f"{ecg_id:05d}_hr", name))
+        dat = (folder / f"{ecg_id:05d}_hr.dat").read_bytes()
+        (src / f"{name}.dat").write_bytes(dat[: len(dat) // 3])
+
+    add_truncated("cut1", 1)
+    add_truncated("cut2", 2)
+    (src / "garbled.hea").write_text("this is not a header\n")
+    source = tmp_path / "hospital.yaml"
+    source.write_text(f"name: hospital\nformat: wfdb\npath: {src}\npseudonymise_record_ids: false\n")
+
+    def ingest_fails(output, *sources) -> str:
+        result = runner.invoke(app, ["ingest", *map(str, sources), "--output", str(output)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert "ingest failed" in result.output and "hospital: rejected" in result.output
+        return result.output
+
+    output = ingest_fails(tmp_path / "first", source)
+    assert "2 × truncated_signal" in output and "1 × bad_header" in output
+    rows = read_manifest(str(tmp_path / "first"), {})
+    assert rows.num_rows == 3 and set(rows["status"].to_pylist()) == {"rejected"}
+
+    add_truncated("cut3", 3)  # later: a new file, as bad as the others
+    output = ingest_fails(tmp_path / "first", source)
+    assert "3 × truncated_signal" in output
+    assert sorted(read_manifest(str(tmp_path / "first"), {})["record_id"].to_pylist()) == ["cut1", "cut2", "cut3",
+                                                                                         "garbled"]
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for ext in ("hea", "dat"):
+        shutil.copy(folder / f"00004_hr.{ext}", good)
+    good_source = tmp_path / "good.yaml"
+    good_source.write_text(f"name: good\nformat: wfdb\npath: {good}\n")
+    result = runner.invoke(app, ["ingest", str(good_source), "--output", str(tmp_path / "second")])
+    assert result.exit_code == 0, result.output
+    ingest_fails(tmp_path / "second", source)  # an all-rejected source added to a dataset that has windows
+    assert read_windows(str(tmp_path / "second"), columns=["source"])["source"].to_pylist() == ["good"]
+    assert read_manifest(str(tmp_path / "second"), {}).num_rows == 5
+
+
 def test_missing_pseudonym_key_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("CREMA_PSEUDONYM_KEY", raising=False)
     source = tmp_path / "s.yaml"

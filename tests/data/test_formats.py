@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,49 @@ def test_philips_xml_reads_12_leads_and_matches_sierraecg(formats):
         assert np.array_equal(raw.signal, expected)
 
 
+def philips_103_from_104(path: Path) -> bytes:
+    """A Sierra XML 1.03 export of the recording in a 1.04 file, by the edits that tell the versions apart:
+    document type and version, the resolution as <signalresolution>, and a <parsedwaveforms> that names
+    no leads and no resolution, with 1.03's compression attributes."""
+    import re
+
+    text = path.read_bytes().decode("utf-16")  # the shared exports are UTF-16 with a byte-order mark
+    edits = [("<documenttype>PhilipsECG</documenttype>", "<documenttype>SierraECG</documenttype>"),
+             (re.search(r"<documentversion>1\.04[.0-9]*</documentversion>", text).group(0),
+              "<documentversion>1.03</documentversion>"),
+             ("<resolution>5</resolution>", "<signalresolution>5</signalresolution>"),
+             (re.search(r"<parsedwaveforms [^>]*>", text).group(0), '<parsedwaveforms compressflag="True" '
+              'compressmethod="XLI" dataencoding="Base64" durationperchannel="11000" nbitspersample="16">')]
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text.encode("utf-16")
+
+
+def test_philips_xml_103_reads_as_the_104_export_it_was_made_from(formats, tmp_path):
+    """1.03 states the resolution as <signalresolution> and names no leads: read to the same signal as the
+    1.04 file, and as sierraecg reads the 1.03 file."""
+    import sierraecg
+
+    for path in sorted((formats / "philips_sierra_xml").glob("*.xml")):
+        (tmp_path / f"{path.stem}.xml").write_bytes(philips_103_from_104(path))
+        old = read_one("philips_xml", tmp_path, path.stem)
+        assert old.meta["version"] == "1.03" and old.channel_names == list(LEADS)
+        assert np.array_equal(old.signal, read_one("philips_xml", path.parent, path.stem).signal)
+        reference = sierraecg.read_file(str(tmp_path / f"{path.stem}.xml"))
+        assert reference.doc_ver == "1.03"
+        assert np.array_equal(old.signal, np.vstack([lead.samples for lead in reference.leads]) * 5.0)
+
+
+def test_philips_xml_without_any_resolution_is_rejected(formats, tmp_path):
+    path = formats / "philips_sierra_xml" / "ad4d3d80-d165_1-04_orig.xml"
+    text = philips_103_from_104(path).decode("utf-16").replace("<signalresolution>5</signalresolution>", "")
+    (tmp_path / "x.xml").write_bytes(text.encode("utf-16"))
+    with pytest.raises(RecordRejected) as info:
+        read_one("philips_xml", tmp_path)
+    assert info.value.reason == "bad_header" and "signalresolution" in info.value.detail
+
+
 def test_edf_reads_the_recorded_leads_and_drops_the_blank_ones(formats):
     raw = read_one("edf", formats / "edf")
     # Declared: 12 signals at 800 Hz, 47.31875 s, in mV; V1-V6 hold one constant (not recorded).
@@ -182,12 +226,22 @@ def test_hostile_xml_is_rejected_with_a_reason(tmp_path, fmt, content):
     assert info.value.reason == "bad_xml"
 
 
-def test_an_xml_file_of_another_vendor_is_rejected_not_misread(formats, tmp_path):
-    shutil.copy(formats / "hl7_aecg" / "ecg_hl7.xml", tmp_path / "x.xml")
-    for fmt, reason in [("muse", "not_muse_xml"), ("philips_xml", "not_philips_xml")]:
-        with pytest.raises(RecordRejected) as info:
-            reader_for(SourceConfig(name="t", format=fmt, path=str(tmp_path))).read("x")
-        assert info.value.reason == reason
+@pytest.mark.parametrize("file, fmt, reason, hint", [
+    ("hl7_aecg/ecg_hl7.xml", "philips_xml", "not_philips_xml", "this is HL7 aECG: use format: hl7_aecg"),
+    ("hl7_aecg/ecg_hl7.xml", "muse", "not_muse_xml", "this is HL7 aECG: use format: hl7_aecg"),
+    ("philips_sierra_xml/ad4d3d80-d165_1-04_orig.xml", "muse", "not_muse_xml",
+     "this is Philips Sierra XML: use format: philips_xml"),
+    ("philips_sierra_xml/ad4d3d80-d165_1-04_orig.xml", "hl7_aecg", "not_hl7_aecg",
+     "this is Philips Sierra XML: use format: philips_xml"),
+    ("ge_muse_xml/*.xml", "philips_xml", "not_philips_xml", "this is GE MUSE XML: use format: muse"),
+    ("ge_muse_xml/*.xml", "hl7_aecg", "not_hl7_aecg", "this is GE MUSE XML: use format: muse"),
+])
+def test_an_xml_file_of_another_vendor_is_rejected_naming_its_reader(formats, tmp_path, file, fmt, reason, hint):
+    """A file in the wrong source folder is not misread: its rejection names the format that reads it."""
+    shutil.copy(sorted(formats.glob(file))[0], tmp_path / "x.xml")
+    with pytest.raises(RecordRejected) as info:
+        reader_for(SourceConfig(name="t", format=fmt, path=str(tmp_path))).read("x")
+    assert info.value.reason == reason and info.value.detail.endswith(hint), info.value.detail
 
 
 def test_truncated_scp_ecg_is_rejected(formats, tmp_path):
@@ -335,3 +389,194 @@ def test_scp_ecg_adds_the_reference_beat_back_into_each_subtraction_zone(tmp_pat
     raw = reader_for(SourceConfig(name="t", format="scp_ecg", path=str(tmp_path))).read("built")
     assert raw.channel_names == ["I", "II"] and raw.fs == 500 and raw.meta["reference_beat_subtraction"]
     assert np.array_equal(raw.signal, expected * 5.0)  # 5000 nV per count = 5 µV
+
+
+# ---------------------------------------------------------------------- SCP-ECG: writers' quirks, cross-check
+
+def scp_sections(data: bytes) -> dict[int, tuple[int, int]]:
+    """Each section's (offset of its data, end), as section 0 points to them."""
+    from crema.data.readers.scp_ecg import _File
+
+    return _File(data).sections
+
+
+def ecgdatakit_read(path: Path) -> tuple[list[str], np.ndarray]:
+    """(lead labels, µV) of an SCP-ECG file decoded by ecgdatakit, a decoder written apart from crema's."""
+    from ecgdatakit.parsing.parsers.scp_ecg import SCPECGParser
+
+    record = SCPECGParser().parse(path)
+    return [lead.label for lead in record.leads], np.vstack([lead.samples * lead.resolution for lead in record.leads])
+
+
+def test_scp_ecg_agrees_with_an_independent_decoder(formats):
+    pytest.importorskip("ecgdatakit")
+    raw = read_one("scp_ecg", formats / "scp_ecg")
+    names, signal = ecgdatakit_read(formats / "scp_ecg" / "Example.scp")
+    assert raw.channel_names == names and np.array_equal(raw.signal, signal)
+
+
+@pytest.mark.parametrize("ceiling", [65534, 65535])
+def test_scp_ecg_lead_lengths_at_the_16_bit_ceiling_read_as_the_unedited_file(formats, tmp_path, ceiling):
+    """Every lead's byte length in section 6 overwritten with the 16-bit ceiling (as writers of leads too
+    long for 16 bits store it): each Huffman-coded lead is found where its samples' codes end, and the file
+    reads to the same signal as the unedited one, and as the independent decoder reads that."""
+    pytest.importorskip("ecgdatakit")
+    original = formats / "scp_ecg" / "Example.scp"
+    data = bytearray(original.read_bytes())
+    rhythm, _ = scp_sections(bytes(data))[6]
+    struct.pack_into("<12H", data, rhythm + 6, *[ceiling] * 12)  # after multiplier, interval, coding, bimodal
+    (tmp_path / "ceiling.scp").write_bytes(data)
+    raw = read_one("scp_ecg", tmp_path)
+    assert np.array_equal(raw.signal, read_one("scp_ecg", original.parent).signal)
+    assert np.array_equal(raw.signal, ecgdatakit_read(original)[1])
+
+
+def test_scp_ecg_lead_table_counting_from_0_reads_as_the_unedited_file(formats, tmp_path):
+    """Section 3 rewritten to count from 0 (samples 0..5000 for 5000 samples, as the rejected file's
+    `0..10000`): read from the first sample, the same signal as the unedited file and the independent decoder's."""
+    pytest.importorskip("ecgdatakit")
+    original = formats / "scp_ecg" / "Example.scp"
+    data = bytearray(original.read_bytes())
+    leads, _ = scp_sections(bytes(data))[3]
+    for k in range(data[leads]):
+        start, end, _ = struct.unpack_from("<IIB", data, leads + 2 + 9 * k)
+        assert (start, end) == (1, 5000)
+        struct.pack_into("<I", data, leads + 2 + 9 * k, 0)
+    (tmp_path / "from0.scp").write_bytes(data)
+    raw = read_one("scp_ecg", tmp_path)
+    assert raw.signal.shape == (12, 5000)
+    assert np.array_equal(raw.signal, read_one("scp_ecg", original.parent).signal)
+    assert np.array_equal(raw.signal, ecgdatakit_read(original)[1])
+
+
+CONTEC_NV_PER_COUNT = 5000  # what the Contec recorder's SCP-ECG export states (5 µV per count)
+
+
+def contec_scp(formats: Path, cut_at_ceiling: bool) -> tuple[bytes, np.ndarray]:
+    """The Contec recording (the shared EDF's digital values, 6 limb leads x 37,855 samples at 800 Hz) as the
+    recorder's SCP-ECG export writes it: uncompressed int16 leads of 75,710 bytes each, whose 16-bit length
+    field says 65534. `cut_at_ceiling`: the lead data is cut there too (32,767 samples), else written whole.
+    Returns the file's bytes and the counts it holds."""
+    import edfio
+
+    edf = edfio.read_edf(formats / "edf" / "0000050.ECG.edf")
+    counts = np.vstack([s.digital for s in edf.signals if s.label in LIMB]).astype("<i2")
+    assert counts.shape == (6, 37855)
+    stored = counts[:, :65534 // 2] if cut_at_ceiling else counts
+    codes = [1, 2, 61, 62, 63, 64]  # I, II, III, aVR, aVL, aVF
+    data = _scp_file({
+        1: bytes([255, 0, 0]),
+        3: struct.pack("<BB", 6, 0x04 | 6 << 3) + b"".join(struct.pack("<IIB", 1, 37855, c) for c in codes),
+        6: struct.pack("<HHBB", CONTEC_NV_PER_COUNT, 1250, 0, 0) + struct.pack("<6H", *[65534] * 6)
+        + b"".join(lead.tobytes() for lead in stored),
+    })
+    return data, stored
+
+
+def test_scp_ecg_uncompressed_leads_past_the_16_bit_length_are_read_whole(formats, tmp_path):
+    """The rejected Contec export (`rhythm: 65534 bytes for 37855 samples`): the section holds every lead
+    whole, so each is read to its 37,855th sample: the EDF export's counts of the same recording."""
+    data, counts = contec_scp(formats, cut_at_ceiling=False)
+    (tmp_path / "0000050.scp").write_bytes(data)
+    raw = read_one("scp_ecg", tmp_path)
+    assert raw.channel_names == LIMB and raw.fs == 800 and raw.signal.shape == (6, 37855)
+    assert np.array_equal(raw.signal, counts * (CONTEC_NV_PER_COUNT / 1000))  # nV -> µV
+    assert "samples_declared" not in raw.meta
+
+
+def test_scp_ecg_leads_cut_at_the_16_bit_length_keep_the_samples_they_hold(formats, tmp_path):
+    """A writer that cut each lead at 65534 bytes (the section holds exactly that): the 32,767 samples that
+    are there, the record shortened to them (not padded with zeros) and the declared length kept in meta."""
+    data, counts = contec_scp(formats, cut_at_ceiling=True)
+    (tmp_path / "cut.scp").write_bytes(data)
+    raw = read_one("scp_ecg", tmp_path)
+    assert raw.signal.shape == (6, 32767) and raw.meta["samples_declared"] == 37855
+    assert np.array_equal(raw.signal, counts * (CONTEC_NV_PER_COUNT / 1000))  # nV -> µV
+    rec = to_canonical(raw, NormaliseOptions(target_fs=500, min_leads=6))
+    assert rec.signal.shape[1] == math.ceil(32767 * 500 / 800)
+
+
+def test_scp_ecg_short_lead_below_the_ceiling_is_still_truncated(formats, tmp_path):
+    """Only the ceiling says "at least": a lead whose stated length is too short for its samples is rejected."""
+    data, _ = contec_scp(formats, cut_at_ceiling=True)
+    rhythm, _ = scp_sections(data)[6]
+    edited = bytearray(data)
+    struct.pack_into("<H", edited, rhythm + 6, 60000)
+    (tmp_path / "short.scp").write_bytes(edited)
+    with pytest.raises(RecordRejected) as info:
+        read_one("scp_ecg", tmp_path)
+    assert info.value.reason == "truncated_signal"
+
+
+# ------------------------------------------------------------------------------ MATLAB files without .hea
+
+@pytest.fixture(scope="module")
+def ptbxl_record(shared_data):
+    """A real 12-lead record (PTB-XL 00001_hr, 500 Hz) as wfdb reads it: digital counts and mV."""
+    import wfdb
+
+    return wfdb.rdrecord(str(shared_data / "ptbxl/records500/00000/00001_hr"), physical=False), \
+        wfdb.rdrecord(str(shared_data / "ptbxl/records500/00000/00001_hr"))
+
+
+def test_mat_val_array_round_trips_a_real_record(ptbxl_record, tmp_path):
+    """A Challenge-style `val` (leads x samples, int16 counts at 1000 per mV, so µV) with no .hea beside it."""
+    from scipy.io import savemat
+
+    digital, physical = ptbxl_record
+    assert digital.adc_gain == [1000.0] * 12
+    savemat(tmp_path / "A0001.mat", {"val": digital.d_signal.T.astype(np.int16)})
+    raw = read_one("mat", tmp_path, fs=500, units="uV")
+    assert [name.lower() for name in physical.sig_name] == [lead.lower() for lead in LEADS]  # PTB-XL's order
+    assert raw.channel_names == list(LEADS) and raw.fs == 500 and raw.units == ["uV"] * 12
+    assert np.array_equal(raw.signal, digital.d_signal.T)
+    assert np.allclose(raw.signal / 1000, physical.p_signal.T, rtol=0, atol=1e-12)
+    rec = to_canonical(raw, NormaliseOptions(target_fs=500))
+    assert np.allclose(rec.signal, physical.p_signal.T, rtol=0, atol=1e-6)  # float32 mV
+
+
+def test_mat_struct_field_and_samples_by_leads_with_skipped_columns(ptbxl_record, tmp_path):
+    """CPSC 2018's layout (a struct `ECG` whose `data` holds mV) and a samples x leads array whose lead
+    order and skipped columns come from `columns`, with `scale`."""
+    from scipy.io import savemat
+
+    _, physical = ptbxl_record
+    savemat(tmp_path / "cpsc.mat", {"ECG": {"sex": "Female", "age": 56, "data": physical.p_signal.T}})
+    raw = read_one("mat", tmp_path, "cpsc", fs=500, variable="ECG.data")
+    assert raw.channel_names == list(LEADS) and raw.units == ["mV"] * 12
+    assert np.array_equal(raw.signal, physical.p_signal.T)
+
+    counts = np.round(physical.p_signal[:, [1, 0, 6]] * 200).astype(np.int16)  # 5 µV per count: II, I, V1
+    savemat(tmp_path / "export.mat", {"ecg": np.column_stack([np.arange(5000), counts])})
+    raw = read_one("mat", tmp_path, "export", fs=500, variable="ecg", columns=["", "II", "I", "V1"], scale=0.005)
+    assert raw.channel_names == ["II", "I", "V1"] and raw.signal.shape == (3, 5000)
+    assert np.allclose(raw.signal, counts.T * 0.005, rtol=0, atol=1e-12)
+
+
+def test_mat_files_that_cannot_be_read_are_rejected_with_reasons(ptbxl_record, shared_data, tmp_path):
+    from scipy.io import savemat
+
+    digital, _ = ptbxl_record
+    savemat(tmp_path / "other_name.mat", {"signal": digital.d_signal.T})
+    savemat(tmp_path / "wrong_shape.mat", {"val": digital.d_signal.T[:8]})
+    savemat(tmp_path / "text.mat", {"val": "not numbers"})
+    (tmp_path / "garbage.mat").write_bytes(b"this is not a MATLAB file at all" * 10)
+    v73 = bytearray((tmp_path / "other_name.mat").read_bytes())
+    v73[124:126] = b"\x00\x02"  # the header's version field of a v7.3 (HDF5) file
+    (tmp_path / "hdf5.mat").write_bytes(v73)
+    for ext in ("mat", "hea"):  # a PhysioNet Challenge record: .mat with its .hea
+        shutil.copy(shared_data / f"ptbxl/records500/00000/00001_hr.{'hea' if ext == 'hea' else 'dat'}",
+                    tmp_path / f"A0002.{ext}")
+
+    reader = reader_for(SourceConfig(name="t", format="mat", path=str(tmp_path), fs=500))
+    expected = {"other_name": ("no_signals", "it holds ['signal']"), "wrong_shape": ("inconsistent_shape", "8 x 5000"),
+                "text": ("bad_signal", "not a 1-d or 2-d array of numbers"), "garbage": ("unreadable", ""),
+                "hdf5": ("unsupported_version", "-v7"), "A0002": ("wfdb_record", "use format: wfdb")}
+    assert sorted(reader.discover()) == sorted(expected)
+    for record_id, (reason, detail) in expected.items():
+        with pytest.raises(RecordRejected) as info:
+            reader.read(record_id)
+        assert info.value.reason == reason and detail in info.value.detail, (record_id, info.value)
+    with pytest.raises(RecordRejected) as info:
+        reader_for(SourceConfig(name="t", format="mat", path=str(tmp_path))).read("other_name")
+    assert info.value.reason == "missing_sampling_rate"

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from crema.config import ModelConfig
-from crema.model.masking import num_visible_patches
+from crema.model.masking import crop_masking, num_visible_patches
 from crema.model.network import CREMA, SiTEncoder
 from crema.train.artifacts import load_encoder, save_encoder
 from crema.train.flops import model_flops_per_sample
@@ -78,7 +78,8 @@ def test_invalid_configs_are_refused(bad):
 
 # ---------------------------------------------------------------------------------------- shapes
 
-@pytest.mark.parametrize("variant", [dict(), dict(conv_stem=True, pos_embed="learned", mask_mode="time")])
+@pytest.mark.parametrize("variant", [dict(), dict(conv_stem=True, pos_embed="learned", mask_mode="time"),
+                                     dict(decoder="self_attention")])
 def test_output_shapes(variant):
     cfg = small_config(**variant)
     model = CREMA(cfg)
@@ -129,6 +130,22 @@ def test_masking_invariants(mode):
     assert not torch.equal(visible[4], visible[5])  # samples are masked independently
     assert torch.equal(mask, model.random_masking(lead_mask, gen(0)))
     assert not torch.equal(mask, model.random_masking(lead_mask, gen(1)))
+
+
+@pytest.mark.parametrize("mode", ["independent", "time"])
+def test_crop_view_shows_k_patches_inside_one_crop_in_time(mode):
+    cfg = small_config(mask_mode=mode, mask_ratio=0.75, contrastive_view="crop", crop_fraction=0.5)
+    _, lead_mask = batch_with_missing_leads(batch=64)
+    visible = ~crop_masking(cfg, lead_mask, gen(0))                            # (64, 12, 20)
+    k = num_visible_patches(cfg)
+    assert (visible.sum(-1)[lead_mask] == k).all() and not visible[~lead_mask].any()
+    seen = visible.any(dim=1)                                                  # (64, 20): patches any lead shows
+    first = seen.float().argmax(-1)
+    last = cfg.num_patches - 1 - seen.flip(-1).float().argmax(-1)
+    assert (last - first < 10).all()  # every view lies within one crop of half the window's 20 patches
+    assert len(set(first.tolist())) > 3  # and the crops start at different times
+    out = CREMA(small_config(contrastive_view="crop", contrastive_weight=0.5))(*batch_with_missing_leads())
+    assert torch.isfinite(out.contrastive_loss) and out.contrastive_loss > 0
 
 
 def test_loss_scores_hidden_patches_of_present_leads_only():
@@ -235,6 +252,24 @@ def test_hidden_patches_do_not_leak_into_the_encoder(conv_stem):
     assert not torch.allclose(model.forward_encoder(visible_changed, lead_mask, mask), latent)
 
 
+@pytest.mark.parametrize("decoder", ["cross_attention", "self_attention"])
+def test_decoder_predicts_hidden_patches_from_visible_ones_only(decoder):
+    # Whatever the hidden samples hold, the predictions (of every patch) are the same: the decoder
+    # sees the encoded visible tokens and nothing else of the signal.
+    model = CREMA(small_config(decoder=decoder))
+    x, lead_mask = batch_with_missing_leads()
+    mask = model.random_masking(lead_mask, gen(1))
+    pred = model.forward_decoder(model.forward_encoder(x, lead_mask, mask), lead_mask, mask)
+    hidden_samples = mask.repeat_interleave(50, dim=-1)
+    changed = torch.where(hidden_samples, torch.randn_like(x), x)
+    torch.testing.assert_close(model.forward_decoder(model.forward_encoder(changed, lead_mask, mask), lead_mask, mask),
+                               pred, rtol=0, atol=1e-6)
+    scored = mask & lead_mask[:, :, None]
+    assert (pred[scored].abs().sum(-1) > 0).all()  # every scored patch gets a prediction
+    if decoder == "cross_attention":
+        assert (pred[~mask] == 0).all()  # nothing is predicted at the visible patches
+
+
 def test_a_window_without_any_lead_stays_finite():
     model = CREMA(small_config())
     x, lead_mask = batch_with_missing_leads()
@@ -324,7 +359,8 @@ def test_layer_wise_lr_decay_groups():
     torch.optim.AdamW(groups, lr=1e-3)
 
 
-@pytest.mark.parametrize("variant", [dict(contrastive_weight=0), dict(contrastive_weight=0.1, conv_stem=True)])
+@pytest.mark.parametrize("variant", [dict(contrastive_weight=0), dict(contrastive_weight=0.1, conv_stem=True),
+                                     dict(contrastive_weight=0, decoder="self_attention")])
 def test_flop_estimate_matches_counted_flops(variant):
     cfg = small_config(**variant, embed_dim=64, decoder_embed_dim=64, num_heads=4, decoder_num_heads=4)
     model = CREMA(cfg)

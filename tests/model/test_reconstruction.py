@@ -30,7 +30,7 @@ def identity_crema(norm_target: bool = False) -> CREMA:
     that patch, and of a hidden patch zero, wherever the plumbing puts them."""
     cfg = ModelConfig(window_samples=40 * P, patch_size=P, embed_dim=P, depth=1, num_heads=1,
                       decoder_embed_dim=P, decoder_depth=1, decoder_num_heads=1, contrastive_weight=0.0,
-                      norm_target=norm_target)
+                      norm_target=norm_target, decoder="self_attention")
     model = CREMA(cfg)
     with torch.no_grad():
         for part in (model.encoder, model.decoder):

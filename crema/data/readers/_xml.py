@@ -35,6 +35,26 @@ def parse_xml(data: bytes, strip_namespaces: bool = False) -> Element:
     return root
 
 
+# The root element of each XML ECG format crema reads, by local name: (what the format is, the `format`
+# that reads it). A file in the wrong source folder is rejected with a reason naming the format to use.
+XML_FORMATS = {
+    "RestingECG": ("GE MUSE XML", "muse"),
+    "AnnotatedECG": ("HL7 aECG", "hl7_aecg"),
+    "restingecgdata": ("Philips Sierra XML", "philips_xml"),
+}
+
+
+def wrong_root(root: Element, expected: str, reason: str) -> RecordRejected:
+    """The rejection of a document whose root is not `expected`: naming the reader of what it is, if crema
+    has one ("root element <AnnotatedECG>, expected <restingecgdata>: this is HL7 aECG: use format: hl7_aecg")."""
+    found = root.tag.rpartition("}")[2]
+    detail = f"root element <{found}>, expected <{expected}>"
+    if found in XML_FORMATS and found != expected:
+        what, fmt = XML_FORMATS[found]
+        detail += f": this is {what}: use format: {fmt}"
+    return RecordRejected(reason, detail)
+
+
 def text(element: Element | None, path: str, default: str | None = None) -> str | None:
     """The stripped text at `path` below `element`, or `default` when absent or empty."""
     found = element.find(path) if element is not None else None

@@ -13,9 +13,10 @@ import numpy as np
 
 from crema.data.signals import UNIT_TO_MV, RawRecord, RecordRejected
 from crema.data.readers import SingleFileReader
-from crema.data.readers._xml import parse_xml
+from crema.data.readers._xml import parse_xml, wrong_root
 
 NS = {"hl7": "urn:hl7-org:v3"}
+HL7_ROOT = "{urn:hl7-org:v3}AnnotatedECG"
 TIME_UNITS_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 # MDC lead codes whose suffix is not already the canonical spelling.
 MDC_LEADS = {"AVR": "aVR", "AVL": "aVL", "AVF": "aVF", "-AVR": "-aVR"}
@@ -38,8 +39,10 @@ class Hl7AecgReader(SingleFileReader):
     def parse(self, record_id: str, data: bytes, path: str) -> RawRecord:
         """One file's bytes -> its RawRecord (RecordRejected for bad input)."""
         root = parse_xml(data)
-        if root.tag != "{urn:hl7-org:v3}AnnotatedECG":
-            raise RecordRejected("not_hl7_aecg", f"root element {root.tag}, expected AnnotatedECG (urn:hl7-org:v3)")
+        if root.tag != HL7_ROOT:
+            if root.tag.rpartition("}")[2] == "AnnotatedECG":  # the right element outside HL7's namespace
+                raise RecordRejected("not_hl7_aecg", f"root element {root.tag}, expected AnnotatedECG in urn:hl7-org:v3")
+            raise wrong_root(root, "AnnotatedECG", "not_hl7_aecg")
         series = root.findall(".//hl7:series", NS)
         rhythm = next((s for s in series if s.find("hl7:code", NS) is not None
                        and s.find("hl7:code", NS).get("code") == "RHYTHM"), series[0] if series else None)

@@ -6,8 +6,10 @@ lead: base64 little-endian int16 samples, scaled by ``LeadAmplitudeUnitsPerBit``
 II by :func:`crema.data.signals.to_canonical`, which flags them in `derived_mask`. The rate is
 ``SampleBase`` x 10^``SampleExponent``. The median beats (``WaveformType`` Median) are not read.
 
-The confirmed diagnosis statements go to ``meta["statements"]`` (usable as labels); statements a user
-typed in (``StmtFlag`` USERINSERT, e.g. "Confirmed by <physician>") and all demographics stay out.
+The confirmed diagnosis statements go to ``meta["statements"]``: header labels, which reach the dataset only
+as the codes a source's label map gives them (``label_maps``; unmatched ones are counted, never stored).
+Statements a user typed in (``StmtFlag`` USERINSERT, e.g. "Confirmed by <physician>") and all demographics
+stay out.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from crema.data.signals import RawRecord, RecordRejected
 from crema.data.readers import SingleFileReader
-from crema.data.readers._xml import number, parse_xml, text
+from crema.data.readers._xml import number, parse_xml, text, wrong_root
 
 UNITS = {"MICROVOLTS": "uV", "MILLIVOLTS": "mV", "VOLTS": "V"}
 # GE's resolution, for old exports that leave LeadAmplitudeUnitsPerBit out.
@@ -35,7 +37,7 @@ class MuseReader(SingleFileReader):
         """One file's bytes -> its RawRecord (RecordRejected for bad input)."""
         root = parse_xml(data)
         if root.tag != "RestingECG":
-            raise RecordRejected("not_muse_xml", f"root element <{root.tag}>, expected <RestingECG>")
+            raise wrong_root(root, "RestingECG", "not_muse_xml")
         rhythm = next((w for w in root.iter("Waveform") if text(w, "WaveformType", "").lower() == "rhythm"), None)
         if rhythm is None:
             raise RecordRejected("no_rhythm_waveform", "no <Waveform> of type Rhythm")

@@ -1,5 +1,9 @@
 """Philips (Sierra) ECG XML 1.03 / 1.04: one ``.xml`` export per ECG.
 
+The two versions differ where it matters here: 1.04 states the resolution as ``<resolution>`` (and as an
+attribute of ``<parsedwaveforms>``) and names the leads in ``leadlabels``; 1.03 calls it
+``<signalresolution>`` and names no leads (they are the acquisition's standard 12, in order).
+
 ``<parsedwaveforms>`` holds all leads base64-encoded, either uncompressed int16 or XLI-compressed
 (LZW + second differences, per lead). XLI is decoded by the maintained ``sierraecg`` package
 (``sierraecg.xli.xli_decode``); the XML itself is parsed here with defusedxml, so the lead labels, the
@@ -17,7 +21,7 @@ import numpy as np
 
 from crema.data.signals import RawRecord, RecordRejected
 from crema.data.readers import SingleFileReader
-from crema.data.readers._xml import number, parse_xml, text
+from crema.data.readers._xml import number, parse_xml, text, wrong_root
 
 SUPPORTED_VERSIONS = ("1.03", "1.04", "1.04.01", "1.04.02")
 # Lead order of an acquisition with no `leadlabels` attribute (1.03 files), as sierraecg names them.
@@ -44,7 +48,7 @@ class PhilipsXmlReader(SingleFileReader):
 
         root = parse_xml(data, strip_namespaces=True)
         if root.tag != "restingecgdata":
-            raise RecordRejected("not_philips_xml", f"root element <{root.tag}>, expected <restingecgdata>")
+            raise wrong_root(root, "restingecgdata", "not_philips_xml")
         version = text(root, "documentinfo/documentversion", "")
         if version not in SUPPORTED_VERSIONS:
             raise RecordRejected("unsupported_version", f"Philips XML {version!r}; read: {SUPPORTED_VERSIONS}")
@@ -53,7 +57,7 @@ class PhilipsXmlReader(SingleFileReader):
         if waves is None:
             raise RecordRejected("no_signals", "no <parsedwaveforms>")
         fs = number(signal, "samplingrate", "samplingrate")
-        resolution_uv = number(signal, "resolution", "resolution")
+        resolution_uv = self._resolution(signal, waves)
         labels = (waves.get("leadlabels") or "").split()
         try:
             if labels:
@@ -91,3 +95,19 @@ class PhilipsXmlReader(SingleFileReader):
         samples = np.vstack(leads)[:, : n_samples or None].astype(np.float64) * resolution_uv
         return RawRecord(record_id=record_id, signal=samples, fs=fs, channel_names=labels,
                          units=[self.source.units or "uV"] * len(labels), meta={"version": version})
+
+    @staticmethod
+    def _resolution(signal, waves) -> float:
+        """µV per count: <resolution> in 1.04's <signalcharacteristics>, <signalresolution> in 1.03's, else
+        the `resolution` attribute of <parsedwaveforms> (1.04 states it there too)."""
+        for path in ("resolution", "signalresolution"):
+            if text(signal, path) is not None:
+                return number(signal, path, path)
+        attribute = waves.get("resolution")
+        if attribute is None:
+            raise RecordRejected("bad_header", "no resolution (<resolution> or <signalresolution> in "
+                                               "<signalcharacteristics>, or a resolution attribute of <parsedwaveforms>)")
+        try:
+            return float(attribute)
+        except ValueError:
+            raise RecordRejected("bad_header", f"resolution {attribute!r} is not a number") from None

@@ -13,7 +13,12 @@ No maintained Python reader exists, so this decodes what a resting ECG needs, al
   zones and the reference beat, added back to the residual rhythm of each zone.
 
 Bimodal compression (a residual decimated outside protected zones) is refused as unsupported.
-tests/data/test_formats.py checks the shared example file's leads, rate and amplitudes.
+
+Two writer quirks that readers in the wild accept are read too: a lead table counting samples from 0
+(start 0 is read as sample 1), and a lead byte length at the 16-bit ceiling (LENGTH_CEILING).
+
+tests/data/test_formats.py checks the shared example file's leads, rate and amplitudes, against an
+independent decoder (ecgdatakit) too, and both quirks on byte edits of it and of the Contec recording.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from crema.data.readers import SingleFileReader
 
 SECTION_HEADER = 16  # CRC (2), id (2), length (4), version (1), protocol (1), reserved (6)
 DEFAULT_TABLE_ID = 19999
+# Section 6 gives each lead's byte length in 16 bits. Writers of leads that do not fit (an uncompressed lead
+# of more than 32,767 samples, as a Contec recorder's 47 s at 800 Hz) store the ceiling instead, 65534 or
+# 65535: such a length says "at least", and _decode_leads finds the real one.
+LENGTH_CEILING = 0xFFFE
 
 # SCP-ECG lead codes (EN 1064 table 14) for the leads a resting ECG carries; others keep "SCP<code>".
 SCP_LEADS = {
@@ -55,8 +64,8 @@ def _default_table() -> list[HuffmanCode]:
     return codes
 
 
-def _huffman_decode(data: bytes, n: int, tables: list[list[HuffmanCode]]) -> np.ndarray:
-    """`n` values from `data`, starting with table 1 (as the standard says)."""
+def _huffman_decode(data: bytes, n: int, tables: list[list[HuffmanCode]]) -> tuple[np.ndarray, int]:
+    """`n` values from `data`, starting with table 1 (as the standard says), and the bits they took."""
     lookups = [({c.prefix: c for c in table}, sorted({len(c.prefix) for c in table})) for table in tables]
     codes, lengths = lookups[0]
     bits = "".join(f"{b:08b}" for b in data)  # as a '0'/'1' string, slicing and dict look-ups run in C
@@ -87,7 +96,7 @@ def _huffman_decode(data: bytes, n: int, tables: list[list[HuffmanCode]]) -> np.
             value = code.value
         out[k] = value
         k += 1
-    return out
+    return out, pos
 
 
 def _undo_differences(d: np.ndarray, order: int) -> np.ndarray:
@@ -164,6 +173,10 @@ class ScpEcgReader(SingleFileReader):
             raise RecordRejected("absurd_length", f"{n_samples} samples at {fs:g} Hz")
         residual = self._decode_leads(scp, start6 + 6, end6, [end - start + 1 for start, end in ranges],
                                       tables, order, "rhythm")
+        held = max(start - 1 + values.size for (start, _), values in zip(ranges, residual))
+        meta = {"difference_coding": order, "reference_beat_subtraction": subtracted}
+        if held < n_samples:  # leads cut at the 16-bit length ceiling by their writer: the samples that are there
+            meta["samples_declared"], n_samples = n_samples, held
         signal = np.zeros((len(lead_codes), n_samples), np.float64)
         for row, ((start, _), values) in enumerate(zip(ranges, residual)):
             signal[row, start - 1:start - 1 + values.size] = values * avm_nv
@@ -171,8 +184,7 @@ class ScpEcgReader(SingleFileReader):
             self._add_reference_beats(scp, signal, tables, interval_us)
         names = [SCP_LEADS.get(code, f"SCP{code}") for code in lead_codes]
         return RawRecord(record_id=record_id, signal=signal / 1000.0, fs=fs, channel_names=names,  # nV -> µV
-                         units=[self.source.units or "uV"] * len(names),
-                         meta={"difference_coding": order, "reference_beat_subtraction": subtracted})
+                         units=[self.source.units or "uV"] * len(names), meta=meta)
 
     # ---------------------------------------------------------------------------------------- sections
 
@@ -224,7 +236,9 @@ class ScpEcgReader(SingleFileReader):
         codes, ranges = [], []
         for k in range(n_leads):
             start, end, code = scp.unpack("<IIB", pos + 2 + 9 * k)
-            if start < 1 or end < start:
+            if start == 0:
+                start = 1  # a writer counting from 0 (0..10000 for 10000 samples): read from the first sample
+            if end < start:
                 raise RecordRejected("bad_header", f"lead {code}: samples {start}..{end}")
             codes.append(code)
             ranges.append((start, end))
@@ -235,21 +249,36 @@ class ScpEcgReader(SingleFileReader):
     @staticmethod
     def _decode_leads(scp: _File, pos: int, end: int, counts: list[int], tables, order: int,
                       what: str) -> list[np.ndarray]:
-        """Each lead's values: the byte lengths of all leads, then each lead's Huffman-coded bytes."""
-        lengths = scp.unpack(f"<{len(counts)}H", pos)
+        """Each lead's values: the byte lengths of all leads, then each lead's Huffman-coded bytes.
+
+        A lead whose length is the 16-bit ceiling (LENGTH_CEILING) may hold more. Huffman-coded, it ends
+        where its samples' codes end (padded to an even byte count, as the shared example's writer pads
+        every lead). Uncompressed, it holds all its samples when the section has room for them; else its
+        writer cut it at the ceiling, and it holds the samples that fit (fewer than section 3 declares:
+        the caller shortens the record to them)."""
+        lengths = list(scp.unpack(f"<{len(counts)}H", pos))
         pos += 2 * len(counts)
+        if not tables:
+            whole = [2 * n if length >= LENGTH_CEILING and 2 * n > length else length
+                     for n, length in zip(counts, lengths)]
+            if pos + sum(whole) <= end:
+                lengths = whole
         out = []
         for n, length in zip(counts, lengths):
-            if pos + length > end:
-                raise RecordRejected("truncated_signal", f"{what} data runs past its section")
-            chunk = scp.data[pos:pos + length]
-            pos += length
-            if tables:
-                values = _huffman_decode(chunk, n, tables)
+            if tables and length >= LENGTH_CEILING:
+                values, bits = _huffman_decode(scp.data[pos:end], n, tables)
+                length = 2 * -(-bits // 16)  # its codes, padded to an even number of bytes as writers pad leads
             else:
-                if length < 2 * n:
+                if pos + length > end:
+                    raise RecordRejected("truncated_signal", f"{what} data runs past its section")
+                chunk = scp.data[pos:pos + length]
+                if tables:
+                    values, _ = _huffman_decode(chunk, n, tables)
+                elif length >= 2 * n or length >= LENGTH_CEILING:
+                    values = np.frombuffer(chunk, "<i2", min(n, length // 2)).astype(np.int64)
+                else:
                     raise RecordRejected("truncated_signal", f"{what}: {length} bytes for {n} samples")
-                values = np.frombuffer(chunk, "<i2", n).astype(np.int64)
+            pos += length
             out.append(_undo_differences(values, order))
         return out
 
