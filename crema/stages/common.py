@@ -30,14 +30,15 @@ def announce_outputs(locations: dict[str, str]) -> None:
         typer.echo(f"{what:<12} → {where}")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one."""
+def init_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one (with the dashboard, whose
+    State API Ray Train needs to release the workers of a job that Tune stopped, when `dashboard`)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
 
 
 class _IcebergWindows(IcebergDatasource):

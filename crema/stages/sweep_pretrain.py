@@ -138,7 +138,9 @@ def run(config: str | Path, sweep_file: str | Path, overrides: dict | None = Non
                       "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {base.tracking.experiment}, "
                                 f"run {sweep.name})",
                       "dataset": base.data.dataset})
-    init_ray()
+    # ASHA ends a lagging trial by killing it mid-training; its Ray Train workers' placement group is then
+    # released by a watcher that asks the State API (the dashboard) whether the job's controller still lives.
+    init_ray(dashboard=True)
     # Epoch-end reports carry the validation loss; mid-epoch checkpoint reports do not, and need not.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with tracking.pretrain_sweep_run(tracking_uri, base.tracking.experiment, sweep.name,
@@ -153,7 +155,10 @@ def run(config: str | Path, sweep_file: str | Path, overrides: dict | None = Non
 
 def _tune(planned: list[Trial], sweep: PretrainSweepConfig, base: PretrainConfig, parent_run_id: str,
           task: TaskConfig | None) -> tune.ResultGrid:
-    scheduler = ASHAScheduler(metric=VAL_RECON, mode="min", time_attr="epoch", max_t=max(t.cfg.epochs for t in planned),
+    # Tune stops a trial at its report of epoch max_t, mid-training: one past the last epoch lets every trial
+    # that ASHA keeps finish its job and report its probe score.
+    scheduler = ASHAScheduler(metric=VAL_RECON, mode="min", time_attr="epoch",
+                              max_t=max(t.cfg.epochs for t in planned) + 1,
                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
     trainable = tune.with_parameters(pretrain_trial, parent_run_id=parent_run_id,
                                      task=task.model_dump(mode="json") if task else None)

@@ -39,7 +39,8 @@ def write_configs(tmp_path: Path, dataset: Path, grid: dict, **sweep) -> tuple[P
 def test_a_two_trial_sweep_ranks_real_pretraining_runs_on_validation_only(windows_60, ray_local, tmp_path):
     from crema.stages.sweep_pretrain import run
 
-    base, sweep = write_configs(tmp_path, windows_60, {"model.contrastive_weight": [0.0, 0.05]})
+    # No ASHA rung before the last epoch: both trials run to the end and are probed.
+    base, sweep = write_configs(tmp_path, windows_60, {"model.contrastive_weight": [0.0, 0.05]}, grace_period=2)
     table = run(base, sweep)
 
     assert sorted(table["run"]) == ["lam-000", "lam-001"]
