@@ -10,6 +10,8 @@ Without --dataset, the shared PTB-XL records500 are ingested first (10 s windows
     size, one thread like the Ray worker, the split already in memory). Compared twice: the wall
     clock of a whole epoch (the job's second), and the median step (steady state, without the
     data pipeline's restart at each epoch).
+    Both read against the machine's own ceiling: the model's analytic training FLOP/s as a share of a
+    large fp32 matmul's FLOP/s on the same one thread, timed in the same run.
 (b) Loader headroom: iterating the train split's Ray Data shard with batch decoding and no model,
     against what the model consumes in (a).
 (c) With CUDA: the `base` preset's step time, samples/s, tokens/s and MFU in bf16, and how much of
@@ -80,6 +82,17 @@ def plain_loop(cfg: PretrainConfig) -> tuple[float, float]:
                     num_steps=steps, start_step=0, device=torch.device("cpu"), clip_grad=cfg.optim.clip_grad,
                     on_step=lambda stats: step_rates.append(stats.samples_per_s))
     return steps * cfg.data.batch_size / (time.perf_counter() - started), statistics.median(step_rates)
+
+
+def cpu_matmul_peak(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a square fp32 matmul on `threads` threads: what this CPU's BLAS reaches at best."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - started)
 
 
 def ray_job(cfg: PretrainConfig) -> tuple[float, float]:
@@ -194,6 +207,8 @@ def main() -> None:
         plain_epoch, plain_step = plain_loop(tiny)
         ray_epoch, ray_step = ray_job(tiny)
         loader = loader_only(tiny)
+        peak = cpu_matmul_peak(threads=1)
+        flops_per_sample = model_flops_per_sample(tiny.model)
         train_rows = read_windows(str(dataset), columns=["record_id"], filter=pc.field("split") == "train").num_rows
         target = f"(target <= {TARGETS['ray_overhead']:.0%})"
         print_table(f"pretraining benchmark: tiny CREMA, batch {tiny.data.batch_size}, "
@@ -204,6 +219,10 @@ def main() -> None:
                          f"{ray_epoch:,.1f} | {ray_step:,.1f}"),
                         ("Ray overhead, whole epoch", f"{1 - ray_epoch / plain_epoch:+.1%}  {target}"),
                         ("Ray overhead, steady-state step", f"{1 - ray_step / plain_step:+.1%}  {target}"),
+                        ("model GFLOP/s (training, analytic): plain | Ray job",
+                         f"{plain_step * flops_per_sample / 1e9:,.2f} | {ray_step * flops_per_sample / 1e9:,.2f}"),
+                        (f"share of the 1-thread fp32 matmul peak ({peak / 1e9:,.1f} GFLOP/s)",
+                         f"{plain_step * flops_per_sample / peak:.1%} | {ray_step * flops_per_sample / peak:.1%}"),
                         ("Ray Data loader alone, samples/s", f"{loader:,.1f}"),
                         ("loader headroom over the model", f"{loader / ray_epoch:.1f}x  "
                                                            f"(target >= {TARGETS['loader_headroom']:.0f}x)"),

@@ -113,9 +113,11 @@ def storage_root(cfg: PretrainConfig) -> str:
 
 
 def resolve_storage(cfg: PretrainConfig) -> PretrainConfig:
-    """The config with `storage_path` absolute (or a URI): decided in the driver, handed to the workers."""
-    root = storage_root(cfg)
-    return cfg if root == cfg.storage_path else cfg.model_copy(update={"storage_path": root})
+    """The config with `storage_path` and a local dataset absolute (or URIs): decided in the driver, handed
+    to workers and sweep trials, whose working directories differ (Tune runs each trial in its own)."""
+    dataset = cfg.data.dataset if "://" in cfg.data.dataset else str(Path(cfg.data.dataset).resolve())
+    return cfg.model_copy(update={"storage_path": storage_root(cfg),
+                                  "data": cfg.data.model_copy(update={"dataset": dataset})})
 
 
 def storage_target(cfg: PretrainConfig) -> tuple[PyFileSystem | None, str]:

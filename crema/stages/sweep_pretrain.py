@@ -198,7 +198,8 @@ def results_table(planned: list[Trial], grid: tune.ResultGrid, rank_by: str) -> 
 def print_table(table: pd.DataFrame, rank_by: str) -> None:
     shown = Table(title=f"pretraining sweep: validation only, ranked by {rank_by}")
     for column in table.columns:
-        shown.add_column(str(column))
+        # The setting's own name (model.contrastive_weight -> contrastive_weight), folded, never cut off.
+        shown.add_column(str(column).rsplit(".", 1)[-1], overflow="fold")
     for _, row in table.iterrows():
         shown.add_row(*[f"{v:.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
                         for v in row.tolist()])
