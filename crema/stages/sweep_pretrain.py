@@ -52,6 +52,19 @@ console = Console()
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 
+class EpochReports(TuneReportCallback):
+    """The job's reports to Tune, all but those of its last epoch: Tune ends a trial at its report of max_t,
+    mid-job, so the last epoch's validation loss reaches Tune in the trial's final report, after the probe."""
+
+    def __init__(self, last_epoch: int):
+        super().__init__()
+        self.last_epoch = last_epoch
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics[0].get("epoch", 0) < self.last_epoch:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 @dataclass(frozen=True)
 class Trial:
     """One grid point at one seed: the settings it changes and the pretraining config they give."""
@@ -111,7 +124,7 @@ def val_probe_score(encoder_path: str, task: TaskConfig, storage_options: dict) 
 def pretrain_trial(config: dict, *, parent_run_id: str, task: dict | None) -> None:
     """One Tune trial: its pretraining job (validation losses to Tune every epoch), then its probe score."""
     cfg = PretrainConfig.model_validate(config["cfg"])
-    result = run_pretraining(cfg, resume=True, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),))
+    result = run_pretraining(cfg, resume=True, parent_run_id=parent_run_id, callbacks=(EpochReports(cfg.epochs),))
     final = {"epoch": cfg.epochs, VAL_RECON: result.metrics.get(VAL_RECON, math.nan)}
     if task is not None:
         final[VAL_PROBE] = val_probe_score(result.encoder_path, TaskConfig.model_validate(task),
@@ -155,11 +168,12 @@ def run(config: str | Path, sweep_file: str | Path, overrides: dict | None = Non
 
 def _tune(planned: list[Trial], sweep: PretrainSweepConfig, base: PretrainConfig, parent_run_id: str,
           task: TaskConfig | None) -> tune.ResultGrid:
-    # Tune stops a trial at its report of epoch max_t, mid-training: one past the last epoch lets every trial
-    # that ASHA keeps finish its job and report its probe score.
-    scheduler = ASHAScheduler(metric=VAL_RECON, mode="min", time_attr="epoch",
-                              max_t=max(t.cfg.epochs for t in planned) + 1,
-                              grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    # ASHA's rungs fall before the last epoch, whose report comes from the trial itself (EpochReports): a
+    # grace period of all the epochs runs every trial to its probe.
+    max_epochs = max(t.cfg.epochs for t in planned)
+    scheduler = ASHAScheduler(metric=VAL_RECON, mode="min", time_attr="epoch", max_t=max_epochs,
+                              grace_period=min(sweep.grace_period, max_epochs),
+                              reduction_factor=sweep.reduction_factor)
     trainable = tune.with_parameters(pretrain_trial, parent_run_id=parent_run_id,
                                      task=task.model_dump(mode="json") if task else None)
     tuner = tune.Tuner(
