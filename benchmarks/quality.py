@@ -34,7 +34,6 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from scipy import signal as sps  # noqa: E402
 
 from crema.config import ModelConfig, SourceConfig, load_yaml  # noqa: E402
 from crema.data.conditioning import condition  # noqa: E402
@@ -42,9 +41,11 @@ from crema.data.labels import LabelIndex  # noqa: E402
 from crema.data.readers import reader_for  # noqa: E402
 from crema.data.signals import N_LEADS, NormaliseOptions, to_canonical  # noqa: E402
 from crema.evaluation.bootstrap import bootstrap_ci  # noqa: E402
+from crema.evaluation.features import hand_made_features  # noqa: E402
 from crema.evaluation.metrics import macro_auroc, macro_metric, per_class_auroc_weighted  # noqa: E402
 from crema.evaluation.probe import fit_converged_probe  # noqa: E402
 from crema.model.network import CREMA, SiTEncoder  # noqa: E402
+from crema.tracking import ensure_experiment, experiment_page  # noqa: E402
 from crema.train.engine_pretrain import train_one_epoch  # noqa: E402
 from crema.train.optim import param_groups, warmup_cosine  # noqa: E402
 
@@ -89,16 +90,6 @@ def load_corpus(shared: Path, n_records: int) -> Corpus:
         patients.append(info.patient_id)
         split.append(info.split)
     return Corpus(np.stack(raw), np.array(y, dtype=np.int64), np.array(patients), np.array(split))
-
-
-def hand_made_features(raw: np.ndarray) -> np.ndarray:
-    """Nine per lead: mean, std, min, max, peak-to-peak, mean |slope|, and Welch power in 0.5-5, 5-15, 15-40 Hz."""
-    slope = np.abs(np.diff(raw, axis=-1)).mean(axis=-1)
-    freqs, power = sps.welch(raw, fs=FS, nperseg=256, axis=-1)
-    bands = [power[..., (freqs >= lo) & (freqs < hi)].sum(axis=-1) for lo, hi in ((0.5, 5), (5, 15), (15, 40))]
-    features = [raw.mean(-1), raw.std(-1), raw.min(-1), raw.max(-1), np.ptp(raw, axis=-1), slope,
-                *[np.log(b + 1e-8) for b in bands]]
-    return np.stack(features, axis=-1).reshape(len(raw), -1)
 
 
 def fit_probe(corpus: Corpus, z: np.ndarray):
@@ -225,7 +216,7 @@ def main() -> None:
 
     arms = []
     if "features" in args.arms:
-        test, val, c = score(corpus, hand_made_features(corpus.raw))
+        test, val, c = score(corpus, hand_made_features(corpus.raw, FS))
         arms.append(Arm("features", 0, test, val, c))
         print(f"  features: test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}]", flush=True)
     for seed in range(args.seeds if "random_init" in args.arms else 0):
@@ -257,7 +248,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(f"sqlite:///{args.out / 'mlflow.db'}")
-    mlflow.set_experiment("crema-quality")
+    experiment_id = ensure_experiment("crema-quality", mlflow.get_tracking_uri())
+    mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(run_name=f"quality-{args.steps}steps-{args.seeds}seeds"):
         mlflow.log_params({**vars(args), "out": str(args.out), "model": base.model_dump_json()})
         for r in rows:
@@ -267,7 +259,8 @@ def main() -> None:
         for arm in arms:
             for step, auroc in arm.curve:
                 mlflow.log_metric(f"{arm.name}_seed{arm.seed}_val_macro_auroc", auroc, step=step)
-    print(f"logged to MLflow: mlflow ui --backend-store-uri sqlite:///{args.out / 'mlflow.db'}")
+    print(f"logged to MLflow: mlflow ui --backend-store-uri sqlite:///{args.out / 'mlflow.db'}   then open "
+          f"{experiment_page(experiment_id)}")
 
 
 if __name__ == "__main__":

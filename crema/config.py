@@ -625,10 +625,11 @@ class EmbedSettings(Schema):
 
 
 class EncoderSpec(Schema):
-    """An encoder to evaluate: a pretrained artifact (`path`), or a random initialisation (a baseline)."""
+    """An encoder to evaluate: a pretrained artifact (`path`), or a baseline: a random initialisation, or the
+    feature floor (`init: features`, nine hand-made features per lead: probe only)."""
 
     name: FolderName  # its embeddings' folder under the task's output
-    init: Literal["pretrained", "random"] = "pretrained"
+    init: Literal["pretrained", "random", "features"] = "pretrained"
     path: str | None = None  # pretrained: an encoder.pt written by save_encoder (local or s3://)
     like: str | None = None  # random: the architecture of this other (pretrained) encoder
     model: ModelConfig | None = None  # random: or an explicit architecture
@@ -637,12 +638,24 @@ class EncoderSpec(Schema):
     mlflow_run_id: str | None = None  # the pretraining run; None: looked up by the run's encoder_path tag
     description: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _features_are_probed(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("init") == "features" and "methods" not in data:
+            return {**data, "methods": ["probe"]}
+        return data
+
     @model_validator(mode="after")
     def _source_of_weights(self) -> "EncoderSpec":
         if self.init == "pretrained" and (not self.path or self.like or self.model):
             raise ValueError(f"encoder {self.name}: a pretrained encoder takes `path` (and no `like`/`model`)")
         if self.init == "random" and (self.path or (self.like is None) == (self.model is None)):
             raise ValueError(f"encoder {self.name}: a random encoder takes exactly one of `like` and `model`, no `path`")
+        if self.init == "features":
+            if self.path or self.like or self.model:
+                raise ValueError(f"encoder {self.name}: the feature floor takes no `path`, `like` or `model`")
+            if self.methods != ["probe"]:
+                raise ValueError(f"encoder {self.name}: the feature floor has no network to fine-tune: methods: [probe]")
         return self
 
 

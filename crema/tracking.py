@@ -58,6 +58,9 @@ TAG_ENCODER_ARTIFACT = "encoder_artifact"  # on a downstream run: the artifact i
 TAG_ENCODER_RUN_ID = "encoder_run_id"  # on a downstream run: the pretraining run of its encoder
 TAG_TASK = "task"
 TAG_DATASET_VERSION = "dataset_version"  # the Iceberg snapshot id of the dataset's windows table
+# MLflow's experiment type (read by its UI to pick the page an experiment opens on): crema trains models.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 TAG_METHOD = "method"
 TAG_ENCODER = "encoder"
 TAG_ENCODER_INIT = "encoder_init"
@@ -195,15 +198,32 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 
 
 def ensure_experiment(experiment: str, tracking_uri: str) -> str:
-    """The experiment's id, creating it (with artifacts beside a SQLite store) if needed."""
+    """The experiment's id, creating it (with artifacts beside a SQLite store) if needed, as a model-training
+    experiment: without the kind tag the MLflow 3 UI opens an experiment on its GenAI overview (traces, token
+    usage), not on its runs. An experiment that lacks the tag gets it; one a user tagged otherwise keeps theirs."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
-    except MlflowException:  # created meanwhile by a concurrent job
-        return client.get_experiment_by_name(experiment).experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_TRAINING})
+        except MlflowException:  # created meanwhile by a concurrent job
+            found = client.get_experiment_by_name(experiment)
+    if TAG_EXPERIMENT_KIND not in found.tags:
+        client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING)
+    return found.experiment_id
+
+
+def experiment_page(experiment_id: str, ui_url: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI. MLflow 3.17's UI picks its pages from a per-browser switch
+    (GenAI / Model training, GenAI by default), not from the experiment's kind tag; the query parameter sets it."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def browse_hint(tracking_uri: str, run_id: str) -> str:
+    """How to open the experiment that holds `run_id` in the MLflow UI: the command and the page."""
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return f"mlflow ui --backend-store-uri {tracking_uri}   then open {experiment_page(experiment_id)}"
 
 
 def start_or_resume_run(run_name: str, experiment: str, tracking_uri: str,
@@ -255,6 +275,15 @@ def dataset_tags(dataset: str, storage_options: dict | None = None, version: str
     return tags
 
 
+def dataset_display_name(tags: Mapping[str, str]) -> str:
+    """`<sources>@<version>` (e.g. `ludb,ptbxl@5120937165117307421`): what the MLflow UI's Datasets column shows,
+    so an analyst tells one hospital's data, and one version of it, from another. Falls back to the URI's last
+    part for a dataset with no recorded sources or version."""
+    sources = tags.get("dataset_sources") or tags["dataset"].rstrip("/").rsplit("/", 1)[-1] or tags["dataset"]
+    version = tags.get(TAG_DATASET_VERSION)
+    return f"{sources}@{version}" if version else sources
+
+
 def log_dataset_input(tags: Mapping[str, str], rows: Mapping[str, int], context: str = "training") -> None:
     """Dataset lineage on the active run (``mlflow.log_input``): the dataset's URI as its source, its sources
     and the rows per split, from :func:`dataset_tags`. The digest is of the URI, the version (the Iceberg
@@ -265,7 +294,7 @@ def log_dataset_input(tags: Mapping[str, str], rows: Mapping[str, int], context:
     uri = tags["dataset"]
     digest = hashlib.sha256(json.dumps([uri, tags.get(TAG_DATASET_VERSION), tags.get("dataset_sources"), dict(rows)],
                                        sort_keys=True).encode()).hexdigest()
-    dataset = MetaDataset(resolve_dataset_source(uri), name=uri.rstrip("/").rsplit("/", 1)[-1] or uri,
+    dataset = MetaDataset(resolve_dataset_source(uri), name=dataset_display_name(tags),
                           digest=digest[:32])  # MLflow stores at most 36 characters
     input_tags = {"sources": tags.get("dataset_sources", ""), **{f"rows_{k}": str(v) for k, v in rows.items()}}
     if tags.get(TAG_DATASET_VERSION):
@@ -448,6 +477,7 @@ def encoder_provenance(spec: EncoderSpec, tracking_uri: str) -> dict[str, str]:
         tags["encoder_seed"] = str(spec.seed)
         if spec.like:
             tags["encoder_like"] = spec.like
+    if spec.init != "pretrained":
         return tags
     # Not TAG_ENCODER_PATH: the pretraining run that wrote the artifact carries that tag, and is found by it.
     tags[TAG_ENCODER_ARTIFACT] = spec.path

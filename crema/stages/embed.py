@@ -1,8 +1,8 @@
 """The embedding pass on Ray: an actor pool (one encoder per actor, loaded once) over a windows dataset.
 
 :class:`WindowEmbedder` wraps :func:`crema.evaluation.embeddings.embed_windows` for ``Dataset.map_batches``,
-and :func:`embed_dataset` runs that actor pool and writes one Parquet row per window
-(:func:`crema.evaluation.embeddings.embedding_table`).
+and :func:`embed_dataset` runs that actor pool (or, for the feature floor, plain tasks) and writes one Parquet
+row per window (:func:`crema.evaluation.embeddings.embedding_table`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from crema.config import EmbedSettings
 from crema.evaluation.embeddings import embed_windows, embedding_table
 from crema.evaluation.encoders import encoder_from_bytes
+from crema.evaluation.features import window_features
 
 
 class WindowEmbedder:
@@ -44,9 +45,19 @@ def actor_pool_size(settings: EmbedSettings, cluster: dict[str, float]) -> tuple
     return max(1, int((cluster.get("CPU", 1) - 1) // settings.cpus_per_actor)), 0.0
 
 
-def embed_dataset(windows: ray.data.Dataset, encoder_blob: bytes, output_path: str, filesystem=None, *,
+def features_table(batch: pa.Table) -> pa.Table:
+    """``map_batches(features_table, batch_format="pyarrow")``: the feature floor's "embeddings", no model."""
+    return embedding_table(batch, window_features(batch))
+
+
+def embed_dataset(windows: ray.data.Dataset, encoder_blob: bytes | None, output_path: str, filesystem=None, *,
                   settings: EmbedSettings) -> None:
-    """Embed a Ray Dataset of windows (META_COLUMNS + signal, lead_mask) into Parquet files under output_path."""
+    """Embed a Ray Dataset of windows (META_COLUMNS + signal, lead_mask, fs) into Parquet files under
+    output_path: with the encoder of `encoder_blob`, or (None) as the feature floor's hand-made features."""
+    if encoder_blob is None:
+        windows.map_batches(features_table, batch_size=settings.batch_size, batch_format="pyarrow",
+                            udf_modifying_row_count=False).write_parquet(output_path, filesystem=filesystem)
+        return
     actors, gpus_per_actor = actor_pool_size(settings, ray.cluster_resources())
     threads = max(1, int(settings.cpus_per_actor))
     embedded = windows.map_batches(

@@ -35,6 +35,7 @@ from crema.config import EncoderSpec, TaskConfig
 from crema.tracking import TAG_DATASET_VERSION, dataset_tags
 from crema.evaluation.embeddings import embedding_matrix
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes
+from crema.evaluation.features import FEATURES_ID
 from crema.evaluation.probe import DEFAULT_CS, LinearProbe, fit_converged_probe, predict_probe, train_probe
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
                                     task_sources)
@@ -74,17 +75,20 @@ def read_task_windows(task: TaskConfig, sources: list[str], version: str | None 
                               [*SIGNAL_COLUMNS, *META_COLUMNS], version)
 
 
-def embeddings_key(blob: bytes, dataset_tags: dict[str, str], sources: list[str]) -> str:
-    """Same encoder weights, same dataset content, same sources: same embeddings."""
-    digest = hashlib.sha256(safe_files.content_digest(blob).encode())  # not the bytes: see content_digest
+def embeddings_key(blob: bytes | None, dataset_tags: dict[str, str], sources: list[str]) -> str:
+    """Same encoder weights (None: the feature floor's formula), same dataset content, same sources: same
+    embeddings."""
+    weights = FEATURES_ID if blob is None else safe_files.content_digest(blob).encode()  # see content_digest
+    digest = hashlib.sha256(weights)
     digest.update(json.dumps([dataset_tags["dataset"], dataset_tags.get(TAG_DATASET_VERSION), sorted(sources)])
                   .encode())
     return digest.hexdigest()[:16]
 
 
-def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes, sources: list[str],
+def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes | None, sources: list[str],
                     dataset_tags: dict[str, str]) -> pa.Table:
-    """Every window of `sources` embedded by the encoder: computed once, then read back from Parquet."""
+    """Every window of `sources` embedded by the encoder of `blob` (None: the feature floor's features):
+    computed once, then read back from Parquet."""
     uri = f"{task.output.rstrip('/')}/{task.name}/embeddings/{spec.name}-{embeddings_key(blob, dataset_tags, sources)}"
     fs, path = url_to_fs(uri, **task.storage_options)
     marker = f"{path}/{COMPLETE_MARKER}"
@@ -142,7 +146,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     sweep = task.probe
     results = []
     for spec in specs:
-        blob = encoder_bytes(build_task_encoder(spec, task))
+        blob = None if spec.init == "features" else encoder_bytes(build_task_encoder(spec, task))
         roles = split_roles(task_embeddings(task, spec, blob, sources, tags), task)
         val = LabelledWindows.from_table(roles["val"], task.classes)
         test = LabelledWindows.from_table(roles["test"], task.classes)
@@ -176,12 +180,13 @@ def converged_probe_scores(z_train: np.ndarray, y_train: np.ndarray, z_val: np.n
 
 
 def run_demo(task: str | Path, *, dataset: str, encoders: list[dict], tracking_uri: str) -> list[SweepResult]:
-    """The probe step of `crema demo`: its pretrained encoders (EncoderSpec dicts) and a random-init
-    baseline of the same architecture, in a sweep small enough for 2 CPUs."""
+    """The probe step of `crema demo`: its pretrained encoders (EncoderSpec dicts), a random-init baseline of
+    the same architecture and the feature floor, in a sweep small enough for 2 CPUs."""
     random_init = {"name": "random_init", "init": "random", "like": encoders[0]["name"],
                    "description": "random initialisation, same architecture"}
+    features = {"name": "features", "init": "features", "description": "nine hand-made features per lead"}
     overrides = {**DEMO_OVERRIDES, "dataset": dataset, "output": str(Path(dataset).parent / "downstream"),
-                 "tracking.tracking_uri": tracking_uri, "encoders": [*encoders, random_init]}
+                 "tracking.tracking_uri": tracking_uri, "encoders": [*encoders, random_init, features]}
     results = run(task, overrides)
     print_results(results)
     return results

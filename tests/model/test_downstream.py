@@ -23,8 +23,9 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from crema.config import ConfigError, IngestConfig, ModelConfig
 from crema.data.batches import MODEL_COLUMNS, iter_table_batches
-from crema.data.schema import read_windows
+from crema.data.schema import decode_signals, read_windows
 from crema.evaluation.embeddings import embed_windows, embedding_matrix
+from crema.evaluation.features import FEATURES_PER_LEAD, hand_made_features
 from crema.train.engine_pretrain import train_one_epoch
 from crema.train.optim import warmup_cosine
 from crema.stages.ingest import ingest
@@ -140,6 +141,9 @@ def test_probe_sweep_leaves_parent_run_with_nested_trials_and_artifacts(probe_re
         input_tags = {t.key: t.value for t in dataset_input.tags}
         assert input_tags["mlflow.data.context"] == "evaluation"
         assert input_tags["version"] == tags["dataset_version"] and input_tags["sources"] == tags["dataset_sources"]
+        assert dataset_input.dataset.name == f"{tags['dataset_sources']}@{tags['dataset_version']}"
+        assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == \
+            "custom_model_development"
         assert int(input_tags["rows_train"]) > 0 and int(input_tags["rows_test"]) > 0
         children = client.search_runs([parent.info.experiment_id],
                                       filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
@@ -225,6 +229,29 @@ def test_ray_data_embeddings_match_the_plain_loop_and_differ_from_random_init(pr
     np.testing.assert_allclose(np.stack([crema_rows[k] for k in keys]), plain, rtol=1e-4, atol=1e-5)
     difference = np.linalg.norm(np.stack([crema_rows[k] - random_rows[k] for k in keys]), axis=1)
     assert (difference > 1e-2 * np.linalg.norm(plain, axis=1)).all()
+
+
+def test_the_feature_floor_is_probed_like_an_encoder_on_its_hand_made_features(dataset, workdir, tracking_uri):
+    """`init: features`: the Ray pass writes the nine features per lead of every window (as the formula computes
+    them from the stored mV), and the probe scores them like any encoder's embeddings, beside the others."""
+    results = probe.run(TASK_FILE, {"dataset": str(dataset), "output": str(workdir / "downstream"), "n_boot": 200,
+                                    "tracking.tracking_uri": tracking_uri,
+                                    "encoders": [{"name": "features", "init": "features"}], **QUICK_PROBE})
+    assert [(r.method, r.encoder) for r in results] == [("probe_lbfgs", "features"), ("probe", "features")]
+    (_,), features = embeddings_of(workdir, "features")
+    windows = read_windows(str(dataset), columns=[*SIGNAL_COLUMNS, *META_COLUMNS])
+    assert features.num_rows == windows.num_rows
+    assert features.schema.field("embedding").type.list_size == 12 * FEATURES_PER_LEAD
+    keys = [f"{k}#{w}" for k, w in zip(record_keys(features), features["window_index"].to_pylist())]
+    rows = dict(zip(keys, embedding_matrix(features)))
+    sample = windows.slice(0, 32)
+    sample_keys = [f"{k}#{w}" for k, w in zip(record_keys(sample), sample["window_index"].to_pylist())]
+    np.testing.assert_allclose(np.stack([rows[k] for k in sample_keys]),
+                               hand_made_features(decode_signals(sample), 500.0), rtol=1e-5, atol=1e-6)
+    client = MlflowClient(tracking_uri)
+    for result in results:
+        assert client.get_run(result.parent_run_id).data.tags["encoder_init"] == "features"
+        assert 0.6 < result.test_metrics["macro_auroc"] <= 1.0  # the features carry the diagnosis: far from chance
 
 
 def test_label_fraction_keeps_whole_patients(dataset):

@@ -209,6 +209,9 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
     input_tags = {t.key: t.value for t in dataset_input.tags}
     assert dataset_input.dataset.source == str(windows_40) or str(windows_40) in dataset_input.dataset.source
     assert input_tags["sources"] == "ptbxl" and input_tags["rows_train"] == str(train_rows)
+    assert dataset_input.dataset.name == f"ptbxl@{input_tags['version']}"  # readable in the UI's Datasets column
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
 
 
 @pytest.mark.timeout(420)
