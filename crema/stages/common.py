@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,14 +18,12 @@ from crema.data.schema import to_contract_types
 from crema.tracking import dataset_tags, git_commit
 
 console = Console()
-log = logging.getLogger(__name__)
 
 
 def announce_outputs(locations: dict[str, str]) -> None:
-    """Where a command's outputs go, printed when it starts (one unwrapped line each: paths are copied from
-    here) and logged (so that `ray job logs` shows them too)."""
+    """Where a command's outputs go, printed once when it starts: one unwrapped line each, since paths are
+    copied from here (a job's driver output is what `ray job logs` shows, so it is there too)."""
     for what, where in locations.items():
-        log.info("%s → %s", what, where)
         typer.echo(f"{what:<12} → {where}")
 
 

@@ -210,6 +210,13 @@ def _as_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
 
 # ---------------------------------------------------------------------------------------- command
 
+def rate(per_second: float) -> str:
+    """Records per second with the precision a reader needs: "0.25 records/s", "3.1 records/s", "1,520 records/s"."""
+    if per_second >= 100:
+        return f"{per_second:,.0f} records/s"
+    return f"{per_second:.2g} records/s" if per_second < 1 else f"{per_second:.1f} records/s"
+
+
 def print_summary(summary: IngestSummary) -> None:
     """The per-source table of what became of the records, and the reject reasons."""
     table = Table(title=f"ingest → {summary.output}")
@@ -248,8 +255,7 @@ def print_summary(summary: IngestSummary) -> None:
                           soft_wrap=True)
         for reason, count in s.reasons.most_common():
             console.print(f"  {s.name}: rejected {count} × {reason}")
-    console.print(f"{summary.discovered} records in {summary.seconds:.1f} s "
-                  f"({summary.records_per_second:.0f} records/s)")
+    console.print(f"{summary.discovered} records in {summary.seconds:.1f} s ({rate(summary.records_per_second)})")
 
 
 def run(sources: list[Path], output: str, config: Optional[Path] = None, overrides: list[str] | None = None,

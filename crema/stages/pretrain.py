@@ -47,6 +47,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Optional
 
 import numpy as np
@@ -234,6 +235,19 @@ def _checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
     return f"{cfg.storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
+@contextlib.contextmanager
+def quiet_dataset_progress() -> Iterator[None]:
+    """No Ray Data progress bars for the datasets made inside: the step lines (loss, rate, ETA) are a training
+    job's progress, and the bars of its per-epoch splits only repeat them and flood the console. A dataset
+    keeps (a copy of) the context it was made in."""
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = bars
+
+
 def run(cfg: PretrainConfig, resume: bool = False, *, parent_run_id: str | None = None,
         callbacks: tuple = ()) -> PretrainResult:
     """Train (or resume) the job described by `cfg`; returns where its outputs are.
@@ -266,6 +280,8 @@ def run(cfg: PretrainConfig, resume: bool = False, *, parent_run_id: str | None 
         log.warning(note)
         typer.echo(note)
     init_ray()
+    with quiet_dataset_progress():
+        datasets = {"train": read_split(cfg, "train", version), "val": read_split(cfg, "val", version)}
     storage_filesystem, storage_path = storage_target(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -290,7 +306,7 @@ def run(cfg: PretrainConfig, resume: bool = False, *, parent_run_id: str | None 
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks),
         ),
-        datasets={"train": read_split(cfg, "train", version), "val": read_split(cfg, "val", version)},
+        datasets=datasets,
     )
     result = trainer.fit()
     mlflow_run = tracking.find_run(cfg.name, cfg.tracking.experiment, tracking_uri)
@@ -437,9 +453,21 @@ def _restore_newest_loadable(worker: Worker, checkpoint: ray.train.Checkpoint) -
     return position
 
 
+def duration(seconds: float) -> str:
+    """"42s", "3m05s", "1h12m": an ETA at the precision it has."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def _step_callback(worker: Worker, resumed: bool):
     """The `on_step` of the step loop: advance the position, log (rank 0), checkpoint, and the failure drill."""
     cfg, position = worker.cfg, worker.position
+    total_steps = worker.plan.steps_per_epoch * cfg.epochs
+    started = (time.perf_counter(), position.global_step)  # the ETA's pace: this attempt's steps, evaluations included
 
     def on_step(stats: StepStats) -> None:
         position.global_step = stats.step
@@ -447,9 +475,10 @@ def _step_callback(worker: Worker, resumed: bool):
         if worker.is_rank0 and stats.step % cfg.tracking.log_every_steps == 0:
             tracking.log_metrics({k: v for k, v in asdict(stats).items() if k != "step"}, stats.step,
                                  synchronous=False)
-            log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.0f samples/s", stats.step,
-                     worker.plan.steps_per_epoch * cfg.epochs, position.epoch + 1, cfg.epochs, stats.loss,
-                     stats.lr, stats.samples_per_s)
+            pace = (time.perf_counter() - started[0]) / max(1, stats.step - started[1])
+            log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.0f samples/s, ETA %s", stats.step,
+                     total_steps, position.epoch + 1, cfg.epochs, stats.loss, stats.lr, stats.samples_per_s,
+                     duration(pace * (total_steps - stats.step)))
         at_epoch_end = position.step_in_epoch == worker.plan.steps_per_epoch  # the epoch-end checkpoint follows
         if stats.step % cfg.checkpoint.every_steps == 0 and not at_epoch_end:
             save_checkpoint(worker, {"step": stats.step, "epoch": position.epoch, "loss": stats.loss})
