@@ -282,7 +282,7 @@ SIGNAL_CODEC = "snappy"
 def ensure_tables(dataset: Dataset, window_samples: int, dtype: str, row_group_rows: int) -> tuple[Table, Table]:
     """Create the two tables if new; refuse a window length or dtype other than the dataset's (a ConfigError)."""
     catalog = dataset.catalog
-    catalog.create_namespace_if_not_exists(dataset.namespace)
+    _retry(lambda: catalog.create_namespace_if_not_exists(dataset.namespace), "create the namespace")
     windows = dataset.table(WINDOWS)
     if windows is None:
         windows = _retry(lambda: catalog.create_table_if_not_exists(
@@ -320,14 +320,16 @@ def _add_units_column(dataset: Dataset) -> Table:
 
 
 def _retry(action, what: str, attempts: int = COMMIT_ATTEMPTS):
-    """Run a catalog action, retrying lost optimistic-concurrency races and a busy SQLite database."""
+    """Run a catalog action, retrying lost optimistic-concurrency races and a busy SQLite database. Two
+    processes that both find a namespace or table missing race to insert it: the loser's UNIQUE constraint
+    error is a lost race too, and its retry finds the winner's row."""
     for attempt in range(attempts):
         try:
             return action()
         except (CommitFailedException, ValidationException) as err:
             last = err
-        except Exception as err:  # sqlalchemy's OperationalError: "database is locked"
-            if "locked" not in str(err) and "busy" not in str(err):
+        except Exception as err:  # sqlalchemy's OperationalError ("database is locked") and IntegrityError
+            if not any(sign in str(err).lower() for sign in ("locked", "busy", "unique constraint")):
                 raise
             last = err
         time.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
