@@ -673,9 +673,11 @@ class TaskConfig(Schema):
     require_label: bool = True  # drop records with none of `classes` (the usual PTB-XL superdiagnostic set)
     train_split: SplitName = "train"
     val_split: SplitName = "val"
-    test_splits: list[SplitName] = ["test"]
+    test_splits: list[SplitName] = ["test"]  # of the training sources
     train_sources: list[str] | None = None  # None: every source; training and validation use these
-    test_sources: list[str] | None = None  # None: the training sources (cross-hospital: others)
+    test_sources: list[str] | None = None  # None: the training sources (cross-hospital: others too)
+    # The splits of a test source the task does not train on: none of its records was trained or selected on.
+    external_splits: list[SplitName] = ["train", "val", "test"]
     label_fractions: list[float] = [1.0]  # of the training patients; one sweep each
     fraction_seed: int = 0
     seed: int = 0
@@ -717,9 +719,7 @@ class TaskConfig(Schema):
                 raise ValueError(f"encoder {e.name}: like={e.like!r} is not a pretrained encoder of this task")
         if self.val_split == self.train_split:
             raise ValueError("val_split must differ from train_split")
-        test_sources = self.test_sources if self.test_sources is not None else self.train_sources
-        same_sources = test_sources is None or self.train_sources is None or set(test_sources) & set(self.train_sources)
-        if same_sources and {self.train_split, self.val_split} & set(self.test_splits):
+        if self.in_domain_test_sources() != [] and {self.train_split, self.val_split} & set(self.test_splits):
             raise ValueError(f"test_splits {self.test_splits} overlap the training/validation splits of the same "
                              "sources: test records would be trained or selected on")
         return self
@@ -729,3 +729,13 @@ class TaskConfig(Schema):
         if role == "test" and self.test_sources is not None:
             return self.test_sources
         return self.train_sources
+
+    def in_domain_test_sources(self) -> list[str] | None:
+        """The test sources the task also trains on (None: all of them), tested on `test_splits`."""
+        test, train = self.sources_for("test"), self.train_sources
+        return test if train is None else [s for s in test if s in train]
+
+    def external_test_sources(self) -> list[str]:
+        """The test sources the task does not train on (other hospitals), tested on `external_splits`."""
+        test, train = self.sources_for("test"), self.train_sources
+        return [] if test is None or train is None else [s for s in test if s not in train]

@@ -53,6 +53,7 @@ TAG_KIND = "crema.kind"  # KIND_SWEEP on a sweep's parent run, KIND_TRIAL on its
 KIND_SWEEP = "sweep"
 KIND_TRIAL = "trial"
 KIND_PRETRAIN_SWEEP = "pretrain_sweep"  # on a pretraining sweep's parent run; its trials are pretraining runs
+KIND_DRIFT = "drift"  # on a `crema drift` run: one source against a reference in an encoder's embedding space
 TAG_ENCODER_PATH = "encoder_path"  # on a pretraining run: the encoder artifact it wrote
 TAG_ENCODER_ARTIFACT = "encoder_artifact"  # on a downstream run: the artifact it evaluated
 TAG_ENCODER_RUN_ID = "encoder_run_id"  # on a downstream run: the pretraining run of its encoder
@@ -607,6 +608,27 @@ def log_test_evaluation(val_auroc: float, results: Mapping[str, float], roc_figu
         path = Path(folder) / "test_records.parquet"
         predictions.to_parquet(path)
         mlflow.log_artifact(str(path), "predictions")
+
+
+def log_cross_domain(metrics: Mapping[str, float], table: pd.DataFrame, figure: Figure) -> None:
+    """The cross-domain table on the active sweep run: its cells as test metrics, the table and its plot."""
+    mlflow.log_metrics({f"{TEST_METRIC_PREFIX}{k}": v for k, v in metrics.items()})
+    mlflow.log_text(table.to_csv(index=False), "metrics/cross_domain.csv")
+    mlflow.log_figure(figure, "cross_domain.png")
+
+
+def log_drift_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
+                  params: Mapping[str, object], metrics: Mapping[str, float], embedding_map: Figure,
+                  summary: Mapping) -> str:
+    """One `crema drift` measurement as its own run: statistics as metrics, the map and a JSON summary."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(experiment, tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, TAG_KIND: KIND_DRIFT}) as run:
+        mlflow.log_params(dict(params))
+        mlflow.log_metrics(dict(metrics))
+        mlflow.log_figure(embedding_map, "drift_map.png")
+        mlflow.log_dict(dict(summary), "drift.json")
+    return run.info.run_id
 
 
 def log_classifier(classifier_file: str | Path, window_samples: int, classes: list[str],

@@ -49,13 +49,21 @@ def with_absolute_paths(task: TaskConfig) -> TaskConfig:
 # ------------------------------------------------------------------------------------------ roles
 
 def role_filter(task: TaskConfig, role: Role) -> pc.Expression:
-    """Rows of `role` (for a pyarrow dataset or table holding `source` and `split` columns)."""
-    splits = task.test_splits if role == "test" else [task.train_split if role == "train" else task.val_split]
+    """Rows of `role` (for a pyarrow dataset or table holding `source` and `split` columns). The test role
+    reads the test splits of the sources the task trains on and the external splits of the others."""
+    if role != "test":
+        return _rows(task.sources_for("train"), [task.train_split if role == "train" else task.val_split])
+    in_domain, external = task.in_domain_test_sources(), task.external_test_sources()
+    if not external:
+        return _rows(in_domain, task.test_splits)
+    expr = _rows(external, task.external_splits)
+    return expr if in_domain == [] else expr | _rows(in_domain, task.test_splits)
+
+
+def _rows(sources: list[str] | None, splits: list[str]) -> pc.Expression:
+    """Rows of these splits of these sources (None: of every source)."""
     expr = pc.field("split").isin(splits)
-    sources = task.sources_for("test" if role == "test" else "train")
-    if sources is not None:
-        expr = expr & pc.field("source").isin(sources)
-    return expr
+    return expr if sources is None else expr & pc.field("source").isin(sources)
 
 
 def task_sources(task: TaskConfig, available: Sequence[str]) -> list[str]:

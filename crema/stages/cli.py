@@ -14,6 +14,7 @@ from crema.config import ConfigError
 from crema.data.signals import LEADS
 from crema.stages import compare as compare_stage
 from crema.stages import demo as demo_stage
+from crema.stages import drift as drift_stage
 from crema.stages import finetune as finetune_stage
 from crema.stages import ingest as ingest_stage
 from crema.stages import pretrain as pretrain_stage
@@ -54,6 +55,7 @@ app.command("sweep-pretrain")(sweep_pretrain_stage.main)
 app.command("probe")(probe_stage.main)
 app.command("finetune")(finetune_stage.main)
 app.command("compare")(compare_stage.main)
+app.command("drift")(drift_stage.main)
 app.command("demo")(demo_stage.main)
 
 

@@ -1,8 +1,7 @@
 """The embedding pass on Ray: an actor pool (one encoder per actor, loaded once) over a windows dataset.
 
 :class:`WindowEmbedder` wraps :func:`crema.evaluation.embeddings.embed_windows` for ``Dataset.map_batches``,
-and :func:`embed_dataset` runs that actor pool (or, for the feature floor, plain tasks) and writes one Parquet
-row per window (:func:`crema.evaluation.embeddings.embedding_table`).
+and :func:`embedded` runs that actor pool (or, for the feature floor, plain tasks): one row per window (:func:`crema.evaluation.embeddings.embedding_table`).
 """
 
 from __future__ import annotations
@@ -50,17 +49,15 @@ def features_table(batch: pa.Table) -> pa.Table:
     return embedding_table(batch, window_features(batch))
 
 
-def embed_dataset(windows: ray.data.Dataset, encoder_blob: bytes | None, output_path: str, filesystem=None, *,
-                  settings: EmbedSettings) -> None:
-    """Embed a Ray Dataset of windows (META_COLUMNS + signal, lead_mask, fs) into Parquet files under
-    output_path: with the encoder of `encoder_blob`, or (None) as the feature floor's hand-made features."""
+def embedded(windows: ray.data.Dataset, encoder_blob: bytes | None, *, settings: EmbedSettings) -> ray.data.Dataset:
+    """A Ray Dataset of windows (META_COLUMNS + signal, lead_mask, fs) embedded, lazily, in embedding_schema: by
+    the encoder of `encoder_blob` on an actor pool, or (None) as the feature floor's hand-made features."""
     if encoder_blob is None:
-        windows.map_batches(features_table, batch_size=settings.batch_size, batch_format="pyarrow",
-                            udf_modifying_row_count=False).write_parquet(output_path, filesystem=filesystem)
-        return
+        return windows.map_batches(features_table, batch_size=settings.batch_size, batch_format="pyarrow",
+                                   udf_modifying_row_count=False)
     actors, gpus_per_actor = actor_pool_size(settings, ray.cluster_resources())
     threads = max(1, int(settings.cpus_per_actor))
-    embedded = windows.map_batches(
+    return windows.map_batches(
         WindowEmbedder,
         fn_constructor_kwargs={"encoder_blob": encoder_blob, "batch_size": settings.batch_size,
                                "precision": settings.precision, "num_threads": threads},
@@ -71,4 +68,9 @@ def embed_dataset(windows: ray.data.Dataset, encoder_blob: bytes | None, output_
         num_gpus=gpus_per_actor or None,
         udf_modifying_row_count=False,
     )
-    embedded.write_parquet(output_path, filesystem=filesystem)
+
+
+def embed_dataset(windows: ray.data.Dataset, encoder_blob: bytes | None, output_path: str, filesystem=None, *,
+                  settings: EmbedSettings) -> None:
+    """Embed a Ray Dataset of windows (see :func:`embedded`) into Parquet files under output_path."""
+    embedded(windows, encoder_blob, settings=settings).write_parquet(output_path, filesystem=filesystem)

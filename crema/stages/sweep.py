@@ -36,6 +36,7 @@ from rich.table import Table
 
 from crema import tracking
 from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig, parse_overrides
+from crema.evaluation.cross_domain import ScoredRecords, by_source_metrics, cross_domain_figure, cross_domain_table
 from crema.evaluation.encoders import encoder_exists
 from crema.evaluation.metrics import evaluate, macro_auroc, metrics_table, roc_curve_figure, tune_thresholds
 from crema.evaluation.tasks import LabelledWindows, load_task, with_absolute_paths
@@ -72,6 +73,7 @@ class SweepResult:
     n_trials: int
     model_uri: str | None = None  # fine-tune: the logged model
     tags: dict[str, str] = field(default_factory=dict)
+    cross_domain: pd.DataFrame | None = None  # by source, when the test records come from several or another
 
 
 @dataclass(frozen=True)
@@ -224,9 +226,19 @@ def _record_predictions(keys: np.ndarray, patients: np.ndarray, labels: np.ndarr
     return frame
 
 
+@dataclass(frozen=True)
+class SweepEvaluation:
+    """The chosen model's scores: what log_test_evaluation logged."""
+
+    val_macro_auroc: float  # of the chosen model, on the validation records
+    metrics: dict[str, float]  # metrics.evaluate keys, on every test record
+    cross_domain: pd.DataFrame | None  # cross_domain_table, when the test records span sources
+
+
 def log_test_evaluation(task: TaskConfig, val: LabelledWindows, test: LabelledWindows,
-                        scores: BestTrialScores) -> tuple[float, dict[str, float]]:
-    """Thresholds from validation, metrics with patient bootstrap CIs on test, all logged to the active run."""
+                        scores: BestTrialScores) -> SweepEvaluation:
+    """Thresholds from validation, metrics with patient bootstrap CIs on test, and by source when the test
+    records come from several sources or one the task does not train on; all logged to the active run."""
     _, val_labels, _, val_scores = val.records(scores.val)
     thresholds = tune_thresholds(val_labels, val_scores)
     val_auroc = macro_auroc(val_labels, val_scores).value
@@ -236,7 +248,12 @@ def log_test_evaluation(task: TaskConfig, val: LabelledWindows, test: LabelledWi
     tracking.log_test_evaluation(val_auroc, results, roc_curve_figure(test_labels, test_scores, task.classes),
                                  metrics_table(results).to_csv(index=False),
                                  _record_predictions(keys, test_patients, test_labels, test_scores, task.classes))
-    return val_auroc, results
+    records = ScoredRecords(keys, test_labels, test_patients, test_scores)
+    table = None
+    if task.external_test_sources() or len(set(records.sources())) > 1:
+        table = cross_domain_table(records, task.classes, task.in_domain_test_sources(), task.n_boot, task.seed)
+        tracking.log_cross_domain(by_source_metrics(table), table, cross_domain_figure(table))
+    return SweepEvaluation(val_auroc, results, table)
 
 
 # ----------------------------------------------------------------------------------------- sweep
@@ -300,9 +317,10 @@ def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dic
     with _parent_run(inputs) as context:
         scores, chosen, n_fits = fit()
         tracking.record_best_trial("", None, chosen)
-        val_auroc, results = log_test_evaluation(inputs.task, inputs.val, inputs.test, scores)
+        evaluation = log_test_evaluation(inputs.task, inputs.val, inputs.test, scores)
     return SweepResult(inputs.task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
-                       context.parent_run_id, chosen, val_auroc, results, n_fits, None, context.tags)
+                       context.parent_run_id, chosen, evaluation.val_macro_auroc, evaluation.metrics, n_fits, None,
+                       context.tags, evaluation.cross_domain)
 
 
 def run_sweep(inputs: SweepInputs) -> SweepResult:
@@ -315,10 +333,10 @@ def run_sweep(inputs: SweepInputs) -> SweepResult:
         best_config = {k: best.config[k] for k in inputs.hyperparameters}
         tracking.record_best_trial(best.metrics["trial_id"], best_run_id, best_config)
         scores = inputs.score_best(best, context.tags)
-        val_auroc, results = log_test_evaluation(task, inputs.val, inputs.test, scores)
-    parent_run_id, tags = context.parent_run_id, context.tags
-    return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, parent_run_id, best_run_id,
-                       best_config, val_auroc, results, len(grid), scores.model_uri, tags)
+        evaluation = log_test_evaluation(task, inputs.val, inputs.test, scores)
+    return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
+                       best_run_id, best_config, evaluation.val_macro_auroc, evaluation.metrics, len(grid),
+                       scores.model_uri, context.tags, evaluation.cross_domain)
 
 
 def _sweep_tags(inputs: SweepInputs, tracking_uri: str) -> dict[str, str]:
@@ -364,10 +382,35 @@ def print_results(results: list[SweepResult]) -> None:
                       f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
                       f"{m['macro_f1']:.3f}")
     console.print(table)
+    print_cross_domain(results)
     for r in results:
         best = ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items())
         console.print(f"{r.method} {r.encoder} @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
                       + (f"; model {r.model_uri}" if r.model_uri else ""))
+
+
+def _auroc_cell(row: dict) -> str:
+    if not np.isfinite(row["auroc"]):
+        return f"n/a ({row['note']})"
+    drop = f" \N{GREEK CAPITAL LETTER DELTA}{-row['drop']:+.3f}" if np.isfinite(row["drop"]) and row["drop"] else ""
+    return f"{row['auroc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]{drop}"
+
+
+def print_cross_domain(results: list[SweepResult]) -> None:
+    """Each sweep's test AUROC by source, with its 95% CI and its change from in-domain (delta)."""
+    with_table = [r for r in results if r.cross_domain is not None]
+    if not with_table:
+        return
+    classes = list(dict.fromkeys(with_table[0].cross_domain["class"]))
+    table = Table(title="test AUROC by source [95% patient-bootstrap CI], delta: change from in-domain")
+    for column in ("method", "encoder", "fraction", "source", "records", *classes):
+        table.add_column(column)
+    for r in with_table:
+        for source, rows in r.cross_domain.groupby("source", sort=False):
+            cells = {row["class"]: row for row in rows.to_dict("records")}
+            table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", f"{source} ({rows['domain'].iloc[0]})",
+                          str(int(rows["n_records"].iloc[0])), *(_auroc_cell(cells[c]) for c in classes))
+    console.print(table)
 
 
 def sweep_command(run_stage: Callable[..., list[SweepResult]], doc: str) -> Callable[..., None]:
