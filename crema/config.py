@@ -15,7 +15,7 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from crema.data.signals import LEADS, NormaliseOptions
+from crema.data.signals import LEADS, NormaliseOptions, lead_set_leads
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -432,6 +432,19 @@ class ModelConfig(Schema):
     augment: bool = True  # amplitude scaling and gaussian noise on the second contrastive view
     augment_scale: float = Field(0.2, ge=0, lt=1)  # amplitude factor drawn from 1 +/- this
     augment_noise: float = Field(0.05, ge=0)  # std of the added gaussian noise, in conditioned-input units
+    # Lead dropout, so that one encoder serves wearables too: in training, this share of the windows keeps only
+    # the leads of one of lead_dropout_sets (drawn per window; crema.data.signals.lead_set_leads names).
+    lead_dropout: float = Field(0.0, ge=0, le=1)
+    lead_dropout_sets: list[str] = ["limb6", "I", "II"]
+
+    @field_validator("lead_dropout_sets")
+    @classmethod
+    def _lead_dropout_sets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("lead_dropout_sets needs at least one lead set")
+        for name in v:
+            lead_set_leads(name)
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -679,6 +692,8 @@ class TaskConfig(Schema):
     # The splits of a test source the task does not train on: none of its records was trained or selected on.
     external_splits: list[SplitName] = ["train", "val", "test"]
     label_fractions: list[float] = [1.0]  # of the training patients; one sweep each
+    # The leads the probe sees at train and test time (crema.data.signals.lead_set_leads): all, limb6, I, I+II...
+    lead_sets: list[str] = ["all"]
     fraction_seed: int = 0
     seed: int = 0
     n_boot: int = Field(1000, ge=1)  # patient bootstrap resamples for the test CIs
@@ -698,6 +713,15 @@ class TaskConfig(Schema):
     def _unique_classes(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"classes repeat: {v}")
+        return v
+
+    @field_validator("lead_sets")
+    @classmethod
+    def _lead_sets(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"lead sets must be given and not repeat, got {v}")
+        for name in v:
+            lead_set_leads(name)
         return v
 
     @field_validator("label_fractions")

@@ -19,6 +19,9 @@ from scipy import signal as sps
 LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 N_LEADS = len(LEADS)
 LEAD_INDEX = {name: i for i, name in enumerate(LEADS)}
+# Lead sets by name (a task's `lead_sets`); any lead, or leads joined by "+", is one too.
+ALL_LEADS = "all"
+LEAD_SETS = {ALL_LEADS: LEADS, "limb6": ("I", "II", "III", "aVR", "aVL", "aVF")}  # limb6: six-electrode devices
 
 # Lower-cased, whitespace-free spellings seen in WFDB headers, XML exports and CSV columns.
 # Deliberately absent: "MLII"/"MLI"/"MLIII" (the modified limb leads of ambulatory Holter recordings,
@@ -40,6 +43,18 @@ UNIT_TO_MV: dict[str, float] = {
 # `units: normalized` in a source: amplitudes z-scored or scaled per lead, not mV. Kept as they are, exempt
 # from the mV plausibility check (absurd_amplitude), flagged normalised_amplitude, and the rows say so.
 UNITS_MV, UNITS_NORMALIZED = "mV", "normalized"
+
+
+def lead_set_leads(name: str) -> tuple[str, ...]:
+    """The leads of a lead set: a LEAD_SETS name, a lead (``I``), or leads joined by "+" (``I+II+V2``)."""
+    if name in LEAD_SETS:
+        return LEAD_SETS[name]
+    leads = tuple(name.split("+"))
+    unknown = [lead for lead in leads if lead not in LEAD_INDEX]
+    if unknown or len(set(leads)) != len(leads):
+        raise ValueError(f"lead set {name!r}: neither {' nor '.join(LEAD_SETS)}, nor leads of {', '.join(LEADS)} "
+                         f"joined by '+' (unknown: {unknown})")
+    return leads
 
 
 def is_normalized_unit(unit: str | None) -> bool:

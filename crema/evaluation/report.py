@@ -14,6 +14,7 @@ import pandas as pd
 
 import json
 
+from crema.data.signals import ALL_LEADS
 from crema.tracking import PRETRAIN_RUN, SWEEP_GROUP, TAG_ENCODER_INIT
 
 GROUP = SWEEP_GROUP
@@ -55,11 +56,14 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def column_name(task: str, train_sources: str, test_sources: str, label_fraction: str) -> str:
-    """The task, its sources when it is a cross-hospital evaluation, and its label fraction when not all."""
+def column_name(task: str, train_sources: str, test_sources: str, lead_set: str, label_fraction: str) -> str:
+    """The task, its sources when it is a cross-hospital evaluation, and its lead set and label fraction when
+    not all."""
     name = task
     if (train_sources, test_sources) != ("*", "*"):
         name += f" ({train_sources} → {test_sources})"
+    if lead_set != ALL_LEADS:
+        name += f" [{lead_set}]"
     if label_fraction not in ("1", ""):
         name += f" @ {label_fraction}"
     return name
@@ -80,12 +84,14 @@ def compare_table(runs: pd.DataFrame, metric: str = "test_macro_auroc") -> pd.Da
     """Rows: method · encoder (baselines included); columns: task (see column_name); cells: value [CI]."""
     if runs.empty:
         return pd.DataFrame()
+    runs = runs.assign(lead_set=runs["lead_set"].replace("", ALL_LEADS))  # sweeps from before lead sets saw all
     latest = runs.sort_values("start_time", ascending=False).drop_duplicates(GROUP)
     latest = latest.assign(
         row=[baseline_name(m, e, i, p) for m, e, i, p in
              zip(latest["method"], latest["encoder"], latest[TAG_ENCODER_INIT], latest[PRETRAIN_RUN])],
         column=[column_name(*values) for values in
-                zip(latest["task"], latest["train_sources"], latest["test_sources"], latest["label_fraction"])],
+                zip(latest["task"], latest["train_sources"], latest["test_sources"], latest["lead_set"],
+                    latest["label_fraction"])],
         cell=[_cell(r, metric) for _, r in latest.iterrows()],
     )
     table = latest.pivot(index="row", columns="column", values="cell").fillna("–")

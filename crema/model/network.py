@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crema.config import ModelConfig
-from crema.data.signals import N_LEADS
+from crema.data.signals import LEADS, N_LEADS, lead_set_leads
 from crema.model.losses import nt_xent
 from crema.model.masking import crop_masking, key_padding_mask, random_draw, random_masking, visible_index
 
@@ -456,6 +456,9 @@ class CREMA(nn.Module):
         self.encoder = SiTEncoder(cfg)
         self.decoder = CrossDecoder(cfg) if cfg.decoder == "cross_attention" else MAEDecoder(cfg)
         # Only built when used: DDP rejects parameters that never receive a gradient.
+        # (S, 12) bool: the leads of each lead_dropout_sets entry; a constant, not a weight (never saved)
+        kept = [[lead in lead_set_leads(name) for lead in LEADS] for name in cfg.lead_dropout_sets]
+        self.register_buffer("lead_dropout_masks", torch.tensor(kept, dtype=torch.bool), persistent=False)
         self.projector = None
         if cfg.contrastive_weight > 0:
             dim = cfg.embed_dim
@@ -482,6 +485,19 @@ class CREMA(nn.Module):
         gain = 1 + self.cfg.augment_scale * (2 * random_draw((b, 1, 1), x.device, generator) - 1)  # (B, 1, 1)
         noise = self.cfg.augment_noise * random_draw(tuple(x.shape), x.device, generator, normal=True)
         return (x * gain.to(x.dtype) + noise.to(x.dtype)) * lead_mask[:, :, None].to(x.dtype)
+
+    def drop_leads(self, x: torch.Tensor, lead_mask: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lead dropout (training only): a `lead_dropout` share of the windows keep the leads of one random
+        lead set, the others zeroed and absent, as a wearable's window reaches the encoder downstream. A window
+        that has none of its set's leads keeps its own."""
+        b = x.shape[0]
+        sets = self.lead_dropout_masks
+        chosen = (random_draw((b,), x.device, generator) * len(sets)).long().clamp(max=len(sets) - 1)
+        dropped = random_draw((b,), x.device, generator) < self.cfg.lead_dropout
+        kept = torch.where(dropped[:, None], sets[chosen] & lead_mask, lead_mask)   # (B, 12)
+        kept = torch.where(kept.any(dim=1, keepdim=True), kept, lead_mask)
+        return x * kept[:, :, None].to(x.dtype), kept
 
     def forward_encoder(self, x: torch.Tensor, lead_mask: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -531,6 +547,8 @@ class CREMA(nn.Module):
                 generator: torch.Generator | None = None) -> CRMAEOutput:
         """x (B, 12, L) conditioned inputs, lead_mask (B, 12) bool, record_group (B,) int64 -> the loss terms and the MAE view."""
         self._check_window(x)
+        if self.training and self.cfg.lead_dropout > 0:
+            x, lead_mask = self.drop_leads(x, lead_mask, generator)           # (B, 12, L), (B, 12)
         mask = self.random_masking(lead_mask, generator)                      # (B, 12, N), True = hidden
         latent = self.forward_encoder(x, lead_mask, mask)                      # (B, 12, 1 + K, D)
         pred = self.forward_decoder(latent, lead_mask, mask)                   # (B, 12, N, P)

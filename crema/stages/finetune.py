@@ -35,6 +35,7 @@ from crema.data.batches import iter_table_batches
 from crema.data.catalog import dataset_version
 from crema.data.schema import read_windows
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes, encoder_from_bytes
+from crema.evaluation.lead_sets import hide_leads
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, role_filter,
                                     split_roles)
 from crema.stages.common import init_ray
@@ -137,7 +138,8 @@ def read_role_windows(task: TaskConfig, version: str | None) -> dict[str, pa.Tab
 
 def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         encoders: list[str] | None = None) -> list[SweepResult]:
-    """Fine-tune every selected encoder of the task at every label fraction; one SweepResult per sweep."""
+    """Fine-tune every selected encoder of the task at every lead set and label fraction; one SweepResult per
+    sweep."""
     task = prepare_task(task, overrides)
     specs = select_encoders(task, "finetune", encoders)
     init_ray()
@@ -146,26 +148,27 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     resources = {"cpu": sweep.cpus_per_trial, "gpu": gpus}
     score_task = ray.remote(score_windows).options(num_cpus=sweep.cpus_per_trial, num_gpus=gpus)
     version = dataset_version(task.dataset, task.storage_options)  # resolved once: what is read and logged
-    roles = read_role_windows(task, version)
-    val = LabelledWindows.from_table(roles["val"], task.classes)
-    test = LabelledWindows.from_table(roles["test"], task.classes)
-    val_ref, test_ref = ray.put(roles["val"]), ray.put(roles["test"])
+    all_leads = read_role_windows(task, version)
+    val = LabelledWindows.from_table(all_leads["val"], task.classes)
+    test = LabelledWindows.from_table(all_leads["test"], task.classes)
     results = []
-    for spec in specs:
-        blob = encoder_bytes(build_task_encoder(spec, task))
-        for fraction in task.label_fractions:
-            train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
-
-            results.append(run_sweep(SweepInputs(
-                task=task, method="finetune", spec=spec, fraction=fraction, sweep=sweep, trainable=finetune_trial,
-                trial_inputs=dict(encoder_blob=blob, train=train,
-                                  y_train=LabelledWindows.from_table(train, task.classes).y,
-                                  val_windows=roles["val"], val=val, sweep=sweep, seed=task.seed),
-                hyperparameters=HYPERPARAMETERS, resources=resources, val=val, test=test,
-                n_train_windows=train.num_rows,
-                score_best=partial(score_best_classifier, encoder_blob=blob, classes=list(task.classes), sweep=sweep,
-                                   score_task=score_task, tables=(val_ref, test_ref)),
-                dataset_version=version)))
+    for lead_set in task.lead_sets:
+        roles = {role: hide_leads(table, lead_set) for role, table in all_leads.items()}
+        val_ref, test_ref = ray.put(roles["val"]), ray.put(roles["test"])
+        for spec in specs:
+            blob = encoder_bytes(build_task_encoder(spec, task))
+            for fraction in task.label_fractions:
+                train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
+                results.append(run_sweep(SweepInputs(
+                    task=task, method="finetune", spec=spec, fraction=fraction, sweep=sweep, trainable=finetune_trial,
+                    trial_inputs=dict(encoder_blob=blob, train=train,
+                                      y_train=LabelledWindows.from_table(train, task.classes).y,
+                                      val_windows=roles["val"], val=val, sweep=sweep, seed=task.seed),
+                    hyperparameters=HYPERPARAMETERS, resources=resources, val=val, test=test,
+                    n_train_windows=train.num_rows,
+                    score_best=partial(score_best_classifier, encoder_blob=blob, classes=list(task.classes),
+                                       sweep=sweep, score_task=score_task, tables=(val_ref, test_ref)),
+                    dataset_version=version, lead_set=lead_set)))
     return results
 
 

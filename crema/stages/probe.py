@@ -17,6 +17,7 @@ Exit codes: 0 done; 2 invalid configuration (bad task file, unknown encoder, mis
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import replace
 from functools import partial
@@ -32,10 +33,12 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from rich.console import Console
 
 from crema.config import EncoderSpec, TaskConfig
+from crema.data.signals import ALL_LEADS
 from crema.tracking import TAG_DATASET_VERSION, dataset_tags
 from crema.evaluation.embeddings import embedding_matrix
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes
 from crema.evaluation.features import FEATURES_ID
+from crema.evaluation.lead_sets import hide_leads, lead_set_suffix
 from crema.evaluation.probe import DEFAULT_CS, LinearProbe, fit_converged_probe, predict_probe, train_probe
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
                                     task_sources)
@@ -86,10 +89,11 @@ def embeddings_key(blob: bytes | None, dataset_tags: dict[str, str], sources: li
 
 
 def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes | None, sources: list[str],
-                    dataset_tags: dict[str, str]) -> pa.Table:
-    """Every window of `sources` embedded by the encoder of `blob` (None: the feature floor's features):
-    computed once, then read back from Parquet."""
-    uri = f"{task.output.rstrip('/')}/{task.name}/embeddings/{spec.name}-{embeddings_key(blob, dataset_tags, sources)}"
+                    dataset_tags: dict[str, str], lead_set: str = ALL_LEADS) -> pa.Table:
+    """Every window of `sources`, with only the leads of `lead_set`, embedded by the encoder of `blob` (None:
+    the feature floor's features): computed once, then read back from Parquet."""
+    name = f"{spec.name}{lead_set_suffix(lead_set)}-{embeddings_key(blob, dataset_tags, sources)}"
+    uri = f"{task.output.rstrip('/')}/{task.name}/embeddings/{name}"
     fs, path = url_to_fs(uri, **task.storage_options)
     marker = f"{path}/{COMPLETE_MARKER}"
     if fs.exists(marker):
@@ -99,8 +103,11 @@ def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes | None, sou
             fs.rm(path, recursive=True)
         console.print(f"embeddings of {spec.name}: one pass over {', '.join(sources)} → {uri}")
         windows = read_task_windows(task, sources, dataset_tags.get(TAG_DATASET_VERSION))
+        if lead_set != ALL_LEADS:
+            windows = windows.map_batches(hide_leads, fn_kwargs={"name": lead_set}, batch_format="pyarrow",
+                                          udf_modifying_row_count=False)
         embed_dataset(windows, blob, *ray_filesystem(task, uri), settings=task.embed)
-        fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources}).encode())
+        fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources, "lead_set": lead_set}).encode())
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
@@ -137,7 +144,7 @@ def score_best_probe(result, tags: dict[str, str], *, z_val: np.ndarray, z_test:
 
 def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         encoders: list[str] | None = None) -> list[SweepResult]:
-    """Probe every selected encoder of the task at every label fraction; one SweepResult per sweep."""
+    """Probe every selected encoder of the task at every lead set and label fraction; one SweepResult per sweep."""
     task = prepare_task(task, overrides)
     specs = select_encoders(task, "probe", encoders)
     init_ray()
@@ -145,9 +152,9 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     sources = task_sources(task, [s for s in tags["dataset_sources"].split(",") if s])
     sweep = task.probe
     results = []
-    for spec in specs:
+    for spec, lead_set in itertools.product(specs, task.lead_sets):
         blob = None if spec.init == "features" else encoder_bytes(build_task_encoder(spec, task))
-        roles = split_roles(task_embeddings(task, spec, blob, sources, tags), task)
+        roles = split_roles(task_embeddings(task, spec, blob, sources, tags, lead_set), task)
         val = LabelledWindows.from_table(roles["val"], task.classes)
         test = LabelledWindows.from_table(roles["test"], task.classes)
         z_val, z_test = embedding_matrix(roles["val"]), embedding_matrix(roles["test"])
@@ -163,7 +170,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
                 resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
                 val=val, test=test, n_train_windows=train.num_rows,
                 score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)),
-                dataset_version=tags.get(TAG_DATASET_VERSION))
+                dataset_version=tags.get(TAG_DATASET_VERSION), lead_set=lead_set)
             if task.converged_probe:
                 results.append(run_fitted(replace(inputs, method="probe_lbfgs", hyperparameters=("C",)),
                                           partial(converged_probe_scores, z_train, y_train, z_val, z_test, val)))

@@ -37,7 +37,9 @@ from rich.table import Table
 from crema import tracking
 from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig, parse_overrides
 from crema.evaluation.cross_domain import ScoredRecords, by_source_metrics, cross_domain_figure, cross_domain_table
+from crema.data.signals import ALL_LEADS
 from crema.evaluation.encoders import encoder_exists
+from crema.evaluation.lead_sets import lead_set_suffix
 from crema.evaluation.metrics import evaluate, macro_auroc, metrics_table, roc_curve_figure, tune_thresholds
 from crema.evaluation.tasks import LabelledWindows, load_task, with_absolute_paths
 from crema.stages.common import announce_outputs, exit_2_on_config_error, run_tags
@@ -74,6 +76,7 @@ class SweepResult:
     model_uri: str | None = None  # fine-tune: the logged model
     tags: dict[str, str] = field(default_factory=dict)
     cross_domain: pd.DataFrame | None = None  # by source, when the test records come from several or another
+    lead_set: str = ALL_LEADS  # the leads the model saw (crema.evaluation.lead_sets)
 
 
 @dataclass(frozen=True)
@@ -289,10 +292,11 @@ class SweepInputs:
     n_train_windows: int
     score_best: Callable[[object, dict[str, str]], BestTrialScores]
     dataset_version: str | None = None  # the version the stage resolved once and read: the one logged
+    lead_set: str = ALL_LEADS  # the leads its windows keep
 
     @property
     def run_name(self) -> str:
-        return f"{self.method}-{self.task.name}-{self.spec.name}-f{self.fraction:g}"
+        return f"{self.method}-{self.task.name}-{self.spec.name}{lead_set_suffix(self.lead_set)}-f{self.fraction:g}"
 
 
 @contextmanager
@@ -320,7 +324,7 @@ def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dic
         evaluation = log_test_evaluation(inputs.task, inputs.val, inputs.test, scores)
     return SweepResult(inputs.task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
                        context.parent_run_id, chosen, evaluation.val_macro_auroc, evaluation.metrics, n_fits, None,
-                       context.tags, evaluation.cross_domain)
+                       context.tags, evaluation.cross_domain, inputs.lead_set)
 
 
 def run_sweep(inputs: SweepInputs) -> SweepResult:
@@ -336,7 +340,7 @@ def run_sweep(inputs: SweepInputs) -> SweepResult:
         evaluation = log_test_evaluation(task, inputs.val, inputs.test, scores)
     return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
                        best_run_id, best_config, evaluation.val_macro_auroc, evaluation.metrics, len(grid),
-                       scores.model_uri, context.tags, evaluation.cross_domain)
+                       scores.model_uri, context.tags, evaluation.cross_domain, inputs.lead_set)
 
 
 def _sweep_tags(inputs: SweepInputs, tracking_uri: str) -> dict[str, str]:
@@ -344,7 +348,7 @@ def _sweep_tags(inputs: SweepInputs, tracking_uri: str) -> dict[str, str]:
     task = inputs.task
     return {
         tracking.TAG_TASK: task.name, tracking.TAG_METHOD: inputs.method,
-        tracking.TAG_LABEL_FRACTION: f"{inputs.fraction:g}",
+        tracking.TAG_LABEL_FRACTION: f"{inputs.fraction:g}", tracking.TAG_LEAD_SET: inputs.lead_set,
         tracking.TAG_TRAIN_SOURCES: ",".join(task.sources_for("train") or ["*"]),
         tracking.TAG_TEST_SOURCES: ",".join(task.sources_for("test") or ["*"]),
         **tracking.encoder_provenance(inputs.spec, tracking_uri),
@@ -374,18 +378,18 @@ def _run_trials(inputs: SweepInputs, context: TrialContext) -> tune.ResultGrid:
 def print_results(results: list[SweepResult]) -> None:
     """The sweeps' test results as a table, then each one's best settings and MLflow run."""
     table = Table(title="test split, best trial chosen on validation")
-    for column in ("method", "encoder", "fraction", "trials", "val AUROC", "test AUROC [95% CI]", "test F1"):
+    for column in ("method", "encoder", "leads", "fraction", "trials", "val AUROC", "test AUROC [95% CI]", "test F1"):
         table.add_column(column)
     for r in results:
         m = r.test_metrics
-        table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", str(r.n_trials), f"{r.val_macro_auroc:.3f}",
+        table.add_row(r.method, r.encoder, r.lead_set, f"{r.label_fraction:g}", str(r.n_trials), f"{r.val_macro_auroc:.3f}",
                       f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
                       f"{m['macro_f1']:.3f}")
     console.print(table)
     print_cross_domain(results)
     for r in results:
         best = ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items())
-        console.print(f"{r.method} {r.encoder} @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
+        console.print(f"{r.method} {r.encoder} ({r.lead_set} leads) @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
                       + (f"; model {r.model_uri}" if r.model_uri else ""))
 
 
@@ -403,12 +407,12 @@ def print_cross_domain(results: list[SweepResult]) -> None:
         return
     classes = list(dict.fromkeys(with_table[0].cross_domain["class"]))
     table = Table(title="test AUROC by source [95% patient-bootstrap CI], delta: change from in-domain")
-    for column in ("method", "encoder", "fraction", "source", "records", *classes):
+    for column in ("method", "encoder", "leads", "fraction", "source", "records", *classes):
         table.add_column(column)
     for r in with_table:
         for source, rows in r.cross_domain.groupby("source", sort=False):
             cells = {row["class"]: row for row in rows.to_dict("records")}
-            table.add_row(r.method, r.encoder, f"{r.label_fraction:g}", f"{source} ({rows['domain'].iloc[0]})",
+            table.add_row(r.method, r.encoder, r.lead_set, f"{r.label_fraction:g}", f"{source} ({rows['domain'].iloc[0]})",
                           str(int(rows["n_records"].iloc[0])), *(_auroc_cell(cells[c]) for c in classes))
     console.print(table)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -20,10 +21,13 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
 from crema.config import IngestConfig, ModelConfig
-from crema.data.schema import read_windows
+from crema.data.schema import decode_masks, decode_signals, read_windows
 from crema.evaluation.cross_domain import MACRO
-from crema.evaluation.tasks import META_COLUMNS
-from crema.model.network import CREMA
+from crema.evaluation.embeddings import embed_windows
+from crema.evaluation.features import window_features
+from crema.evaluation.lead_sets import hide_leads
+from crema.evaluation.tasks import META_COLUMNS, SIGNAL_COLUMNS
+from crema.model.network import CREMA, SiTEncoder
 from crema.stages import drift, probe
 from crema.stages.ingest import ingest
 from crema.train.artifacts import save_encoder
@@ -69,15 +73,15 @@ def cross_domain(dataset, workdir):
     overrides = {"dataset": str(dataset), "output": str(workdir / "downstream"), "n_boot": 200,
                  "tracking.tracking_uri": tracking_uri, "train_sources": ["ptbxl"], "test_sources": ["ptbxl", "ludb"],
                  "encoders": [{"name": "random_init", "init": "random", "model": TINY},
-                              {"name": "features", "init": "features"}], **ONE_TRIAL}
+                              {"name": "features", "init": "features"}], "lead_sets": ["all", "I"], **ONE_TRIAL}
     return probe.run(TASK_FILE, overrides), tracking_uri
 
 
 @pytest.mark.slow
 def test_probe_scores_each_hospital_apart_trained_on_ptbxl_only(cross_domain, dataset):
     results, tracking_uri = cross_domain
-    assert {(r.method, r.encoder) for r in results} == {(m, e) for m in ("probe", "probe_lbfgs")
-                                                        for e in ("random_init", "features")}
+    assert sorted((r.method, r.encoder, r.lead_set) for r in results) == sorted(
+        (m, e, leads) for m in ("probe", "probe_lbfgs") for e in ("random_init", "features") for leads in ("all", "I"))
     client = MlflowClient(tracking_uri)
     for result in results:
         table = result.cross_domain
@@ -142,3 +146,44 @@ def test_drift_command_embeds_with_an_encoder_artifact_and_refuses_an_unknown_so
     assert "domain classifier AUROC" in done.stdout and "verdict" in done.stdout
     refused = subprocess.run([*command, "--source", "nowhere"], env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "['nowhere'] are not in" in refused.stdout
+
+
+@pytest.mark.slow
+def test_a_model_shown_one_lead_cannot_see_the_others(cross_domain, dataset):
+    """Lead set I: what the encoder and the feature floor make of a window does not change when every other lead
+    does, and does change when lead I does. The probe runs of lead set I are tagged and score apart from all 12."""
+    windows = read_windows(str(dataset), columns=[*SIGNAL_COLUMNS, *META_COLUMNS],
+                           filter=pc.field("source") == "ptbxl").slice(0, 16)
+    signals = decode_signals(windows).astype(np.float32)
+    other_leads, lead_one = signals.copy(), signals.copy()
+    other_leads[:, 1:] = np.random.default_rng(0).standard_normal(other_leads[:, 1:].shape)
+    lead_one[:, 0] += 0.5
+    encoder = SiTEncoder(ModelConfig(**TINY)).eval()
+
+    def seen(signal: np.ndarray, leads: str) -> tuple[np.ndarray, np.ndarray]:
+        shown = hide_leads(with_signals(windows, signal), leads)
+        return embed_windows(encoder, shown), window_features(shown)
+
+    base = seen(signals, "I")
+    for a, b in zip(base, seen(other_leads, "I")):
+        np.testing.assert_array_equal(a, b)
+    assert all(not np.allclose(a, b) for a, b in zip(base, seen(lead_one, "I")))
+    assert all(not np.allclose(a, b) for a, b in zip(seen(signals, "all"), seen(other_leads, "all")))
+    shown = hide_leads(windows, "limb6")
+    assert decode_masks(shown["lead_mask"])[:, 6:].sum() == 0 and not decode_signals(shown)[:, 6:].any()
+    assert (decode_masks(shown["lead_mask"])[:, :6] == decode_masks(windows["lead_mask"])[:, :6]).all()
+
+    results, tracking_uri = cross_domain
+    one_lead = [r for r in results if r.lead_set == "I"]
+    assert all(r.tags["lead_set"] == "I" and "-leadsI-" in MlflowClient(tracking_uri).get_run(
+        r.parent_run_id).info.run_name for r in one_lead)
+    score = {(r.method, r.encoder, r.lead_set): r.test_metrics["macro_auroc"] for r in results}
+    assert score["probe_lbfgs", "features", "I"] != score["probe_lbfgs", "features", "all"]
+
+
+def with_signals(windows: pa.Table, signals: np.ndarray) -> pa.Table:
+    """The windows with these (n, 12, L) signals, in the column's own dtype."""
+    field = windows.schema.field("signal")
+    data = signals.astype(decode_signals(windows).dtype).tobytes()
+    column = pa.FixedSizeBinaryArray.from_buffers(field.type, len(windows), [None, pa.py_buffer(data)])
+    return windows.set_column(windows.schema.get_field_index("signal"), field, column)

@@ -225,6 +225,28 @@ def test_missing_lead_values_reach_neither_loss_nor_gradient():
         assert torch.equal(grad, junk_grads[name]), name
 
 
+def test_lead_dropout_shows_some_windows_as_one_lead_set_and_only_in_training():
+    model = CREMA(small_config(lead_dropout=0.5, lead_dropout_sets=["limb6", "I"]))
+    x, lead_mask = batch_with_missing_leads(batch=64)
+    dropped_x, kept = model.drop_leads(x, lead_mask, gen(3))
+    limb6, lead_one = torch.zeros(12, dtype=torch.bool), torch.zeros(12, dtype=torch.bool)
+    limb6[:6], lead_one[0] = True, True
+    changed = (kept != lead_mask).any(dim=1)
+    assert 16 < int(changed.sum()) < 48  # about half the windows
+    for window in torch.nonzero(changed).flatten():
+        assert torch.equal(kept[window], lead_mask[window] & limb6) or torch.equal(kept[window], lead_mask[window] & lead_one)
+    assert (kept <= lead_mask).all() and (dropped_x[~kept] == 0).all() and torch.equal(dropped_x[kept], x[kept])
+    # in training the dropped leads are absent: none of their patches is visible to the encoder
+    model.train()
+    out = model(x, lead_mask, generator=gen(4))
+    visible_leads = (~out.mask).any(dim=2)
+    assert torch.isfinite(out.loss) and (visible_leads <= lead_mask).all() and (visible_leads != lead_mask).any()
+    model.eval()  # and out of training, every present lead is
+    assert torch.equal((~model(x, lead_mask, generator=gen(4)).mask).any(dim=2), lead_mask)
+    with pytest.raises(ValidationError, match="lead set"):
+        small_config(lead_dropout_sets=["V7"])
+
+
 @pytest.mark.parametrize("mode", ["embed", "masked"])
 def test_missing_lead_tokens_are_never_attended(mode):
     # Zero-filled samples still make tokens (lead and position embeddings); attention must skip them.
