@@ -136,7 +136,8 @@ def print_report(result: DriftResult, tracking_uri: str | None) -> None:
     verdict = "[red]a measurable shift[/red]: both statistics tell the sides apart" if r.shifted else \
         "[green]no measurable shift[/green] (the AUROC's CI reaches 0.5, or the MMD is not significant)"
     console.print(f"  verdict: {verdict}")
-    console.print(f"MLflow run {result.run_id}: {tracking.browse_hint(tracking.resolve_tracking_uri(tracking_uri), result.run_id)}")
+    console.print(f"MLflow run {result.run_id}: {tracking.browse_hint(tracking.resolve_tracking_uri(tracking_uri), result.run_id)}",
+                  soft_wrap=True)
 
 
 def main(

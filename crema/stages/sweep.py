@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,8 @@ from rich.table import Table
 
 from crema import tracking
 from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig, parse_overrides
-from crema.evaluation.cross_domain import ScoredRecords, by_source_metrics, cross_domain_figure, cross_domain_table
+from crema.evaluation.cross_domain import (MACRO, ScoredRecords, by_source_metrics, cross_domain_figure,
+                                           cross_domain_table)
 from crema.data.signals import ALL_LEADS
 from crema.evaluation.encoders import encoder_exists
 from crema.evaluation.lead_sets import lead_set_suffix
@@ -46,7 +48,8 @@ from crema.stages.common import announce_outputs, exit_2_on_config_error, run_ta
 
 METRIC = tracking.METRIC_VAL_AUROC  # trials are compared on it, in Tune and in MLflow
 
-console = Console()
+# Not a terminal (a log, `ray job logs`): rich would wrap the tables at 80 columns; a log line may be longer.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @dataclass(frozen=True)
@@ -393,27 +396,29 @@ def print_results(results: list[SweepResult]) -> None:
                       + (f"; model {r.model_uri}" if r.model_uri else ""))
 
 
-def _auroc_cell(row: dict) -> str:
-    if not np.isfinite(row["auroc"]):
-        return f"n/a ({row['note']})"
-    drop = f" \N{GREEK CAPITAL LETTER DELTA}{-row['drop']:+.3f}" if np.isfinite(row["drop"]) and row["drop"] else ""
-    return f"{row['auroc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]{drop}"
+def _class_cell(row: dict) -> str:
+    return f"{row['auroc']:.2f}" if np.isfinite(row["auroc"]) else f"– ({row['note']})"
 
 
 def print_cross_domain(results: list[SweepResult]) -> None:
-    """Each sweep's test AUROC by source, with its 95% CI and its change from in-domain (delta)."""
+    """Each sweep's test AUROC by source: the macro with its 95% CI and its change from in-domain (Δ), and
+    each class's; a class a source lacks is a dash with the reason."""
     with_table = [r for r in results if r.cross_domain is not None]
     if not with_table:
         return
-    classes = list(dict.fromkeys(with_table[0].cross_domain["class"]))
-    table = Table(title="test AUROC by source [95% patient-bootstrap CI], delta: change from in-domain")
-    for column in ("method", "encoder", "leads", "fraction", "source", "records", *classes):
+    classes = [c for c in dict.fromkeys(with_table[0].cross_domain["class"]) if c != MACRO]
+    table = Table(title="test AUROC by source (95% patient-bootstrap CI; Δ: change from in-domain)")
+    for column in ("method", "encoder", "leads", "fraction", "source", "records", "macro [95% CI]", "Δ", *classes):
         table.add_column(column)
     for r in with_table:
         for source, rows in r.cross_domain.groupby("source", sort=False):
             cells = {row["class"]: row for row in rows.to_dict("records")}
-            table.add_row(r.method, r.encoder, r.lead_set, f"{r.label_fraction:g}", f"{source} ({rows['domain'].iloc[0]})",
-                          str(int(rows["n_records"].iloc[0])), *(_auroc_cell(cells[c]) for c in classes))
+            macro = cells[MACRO]
+            change = f"{-macro['drop']:+.3f}" if np.isfinite(macro["drop"]) and macro["drop"] else ""
+            table.add_row(r.method, r.encoder, r.lead_set, f"{r.label_fraction:g}", f"{source} ({macro['domain']})",
+                          str(int(macro["n_records"])),
+                          f"{macro['auroc']:.3f} [{macro['ci_low']:.3f}, {macro['ci_high']:.3f}]", change,
+                          *(_class_cell(cells[c]) for c in classes))
     console.print(table)
 
 
