@@ -192,7 +192,9 @@ class Dataset:
 
     @cached_property
     def catalog(self) -> Catalog:
-        return load_catalog(CATALOG_NAME, **self.properties)
+        # A SQL catalog creates its own tables on first load: two processes opening a new catalog at once
+        # race there too (the loser's "table iceberg_tables already exists"), and the retry finds them made.
+        return _retry(lambda: load_catalog(CATALOG_NAME, **self.properties), "open the catalog")
 
     def identifier(self, table: str) -> str:
         return f"{self.namespace}.{table}"
@@ -322,14 +324,15 @@ def _add_units_column(dataset: Dataset) -> Table:
 def _retry(action, what: str, attempts: int = COMMIT_ATTEMPTS):
     """Run a catalog action, retrying lost optimistic-concurrency races and a busy SQLite database. Two
     processes that both find a namespace or table missing race to insert it: the loser's UNIQUE constraint
-    error is a lost race too, and its retry finds the winner's row."""
+    error (or, for the catalog's own tables, "already exists") is a lost race too, and its retry finds the
+    winner's row."""
     for attempt in range(attempts):
         try:
             return action()
         except (CommitFailedException, ValidationException) as err:
             last = err
         except Exception as err:  # sqlalchemy's OperationalError ("database is locked") and IntegrityError
-            if not any(sign in str(err).lower() for sign in ("locked", "busy", "unique constraint")):
+            if not any(sign in str(err).lower() for sign in ("locked", "busy", "unique constraint", "already exists")):
                 raise
             last = err
         time.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))

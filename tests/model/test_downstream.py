@@ -164,9 +164,16 @@ def test_probe_sweep_leaves_parent_run_with_nested_trials_and_artifacts(probe_re
         assert result.val_macro_auroc == pytest.approx(best_val[result.best_trial_run_id], abs=1e-9)
 
         artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-        assert {"roc_curves.png", "task.yaml", "best_config.json", "metrics", "predictions"} <= artifacts
+        assert {"roc_curves.png", "cross_domain.png", "task.yaml", "best_config.json", "metrics",
+                "predictions"} <= artifacts
+        # The test records come from two sources (both trained on): the by-source table is logged too.
         assert {a.path for a in client.list_artifacts(result.parent_run_id, "metrics")} == \
-            {"metrics/test_metrics.csv", "metrics/test_metrics.json"}
+            {"metrics/test_metrics.csv", "metrics/test_metrics.json", "metrics/cross_domain.csv"}
+        by_source = pd.read_csv(client.download_artifacts(result.parent_run_id, "metrics/cross_domain.csv"))
+        macro = by_source[by_source["class"] == "macro"].set_index("source")
+        assert set(macro.index) == {"in-domain", "hospital_b", "ptbxl"} and set(macro["domain"]) == {"in-domain"}
+        assert macro.loc["in-domain", "n_records"] == macro.loc[["hospital_b", "ptbxl"], "n_records"].sum()
+        assert parent.data.metrics["test_on_ptbxl_macro_auroc"] == pytest.approx(macro.loc["ptbxl", "auroc"])
         png = Path(client.download_artifacts(result.parent_run_id, "roc_curves.png"))
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         table = pd.read_csv(client.download_artifacts(result.parent_run_id, "metrics/test_metrics.csv"))
