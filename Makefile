@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export CREMA_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test lint bench install clean image image-name
+.PHONY: demo test test-fast lint bench install clean image image-name
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ demo: $(STAMP)
 
 # Lint and types first (configs in pyproject.toml: [tool.ruff], [tool.mypy]), then the suite.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The developer's tier: no Ray cluster, no S3 server, no test marked slow (tests/conftest.py marks by fixture).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check crema tests benchmarks

@@ -16,6 +16,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The fast tier (`make test-fast`, `pytest -m "not slow"`) leaves out every test that starts a service: a test
+# using one of these fixtures is marked slow here, so that no test has to remember to say so.
+SERVICE_FIXTURES = {"ray_local", "ray_cluster", "s3_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def shared_data_root() -> Path:
     return Path(os.environ.get("CREMA_SHARED_DATA", REPO.parent / "shared" / "data"))
 

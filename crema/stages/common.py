@@ -12,7 +12,7 @@ from ray.data._internal.datasource.iceberg_datasource import IcebergDatasource
 from rich.console import Console
 
 from crema import logs
-from crema.config import ConfigError
+from crema.config import PACKAGED_CONFIGS, ConfigError
 from crema.data.catalog import WINDOWS, open_dataset
 from crema.data.schema import to_contract_types
 from crema.tracking import dataset_tags, git_commit
@@ -28,13 +28,18 @@ def announce_outputs(locations: dict[str, str]) -> None:
 
 
 def init_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one (with the dashboard, whose
-    State API Ray Train needs to release the workers of a job that Tune stopped, when `dashboard`)."""
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one. Every Ray Train job wants
+    `dashboard`: its controller's placement-group watcher asks the dashboard's State API, once a second, whether
+    the controller still lives (to release the workers of a job that died or that Tune stopped), and without
+    the dashboard it warns on every ask, for the whole of the training."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
+        # The workers of the cluster started here inherit this environment; a cluster of one's own keeps
+        # the logging it was set up with.
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(PACKAGED_CONFIGS / "ray_data_logging.yaml"))
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
 
 
@@ -45,6 +50,11 @@ class _IcebergWindows(IcebergDatasource):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_table": None}
+
+    def get_read_tasks(self, parallelism: int, **kwargs) -> list:
+        # A dataset holds a file or a few per partition, fewer than Ray's default parallelism, and Ray warns
+        # on every read (each epoch's splits of a training job) that it reads one task per file: ask for that.
+        return super().get_read_tasks(min(parallelism, len(self.plan_files)) or parallelism, **kwargs)
 
 
 def read_windows_table(dataset_uri: str, storage_options: dict | None, row_filter, columns: list[str],

@@ -126,7 +126,7 @@ def run(workdir: Path, full: bool = False) -> list[SweepResult]:
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     dataset = workdir / "dataset"
     with clock.step("start Ray (local)"):
-        init_ray()
+        init_ray(dashboard=True)  # the demo pretrains: Ray Train's watcher needs the State API
 
     with clock.step("1/3 ingest"):
         source, task = choose_data(workdir)

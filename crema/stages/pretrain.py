@@ -279,7 +279,7 @@ def run(cfg: PretrainConfig, resume: bool = False, *, parent_run_id: str | None 
                 f"MLflow run {replaces_run_id} of this name is left as it was")
         log.warning(note)
         typer.echo(note)
-    init_ray()
+    init_ray(dashboard=True)
     with quiet_dataset_progress():
         datasets = {"train": read_split(cfg, "train", version), "val": read_split(cfg, "val", version)}
     storage_filesystem, storage_path = storage_target(cfg)

@@ -151,8 +151,8 @@ def run(config: str | Path, sweep_file: str | Path, overrides: dict | None = Non
                       "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {base.tracking.experiment}, "
                                 f"run {sweep.name})",
                       "dataset": base.data.dataset})
-    # ASHA ends a lagging trial by killing it mid-training; its Ray Train workers' placement group is then
-    # released by a watcher that asks the State API (the dashboard) whether the job's controller still lives.
+    # ASHA ends a lagging trial by killing it mid-training: the State API (the dashboard) is what lets Ray
+    # Train's watcher see that the trial's controller is gone and release its workers.
     init_ray(dashboard=True)
     # Epoch-end reports carry the validation loss; mid-epoch checkpoint reports do not, and need not.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

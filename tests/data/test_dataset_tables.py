@@ -51,7 +51,8 @@ def manifest_rows(windows: pa.Table) -> pa.Table:
                      "flags": pa.nulls(n, pa.string()), "config_hash": pa.nulls(n, pa.string())})
 
 
-@pytest.fixture(params=["local", "s3"])
+# The S3 case starts a server (asked for by name below, so conftest cannot see it): it is in the slow tier.
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def warehouse(request, tmp_path):
     """(dataset URI, catalog config, storage options) on a local folder or on the S3 API server."""
     if request.param == "local":
