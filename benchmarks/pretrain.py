@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from benchmarks.ingest import replicate
 from crema.config import IngestConfig, PretrainConfig, SourceConfig, load_yaml
 from crema.data.batches import MODEL_COLUMNS, iter_table_batches
-from crema.data.schema import read_windows
+from crema.data.catalog import read_windows
 from crema.model.network import CREMA
 from crema.stages.ingest import ingest
 from crema.train.engine_pretrain import train_one_epoch

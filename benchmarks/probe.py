@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crema.config import IngestConfig, ModelConfig, SourceConfig, load_yaml
-from crema.data.schema import decode_masks, decode_signals, read_windows
+from crema.data.catalog import read_windows
+from crema.data.schema import decode_masks, decode_signals
 from crema.evaluation.embeddings import embedding_matrix
 from crema.model.network import SiTEncoder
 from crema.stages.ingest import ingest

@@ -6,9 +6,11 @@ source file serves a laptop, CI and a cluster (``path: ${PTBXL_ROOT:-/data/ptb-x
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -18,6 +20,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from crema.data.signals import LEADS, NormaliseOptions, lead_set_leads
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# Readers (crema.data.readers) are plug-ins in this entry-point group: name = format, value = module:Class.
+ENTRY_POINT_GROUP = "crema.readers"
+
+
+@functools.cache
+def installed_readers() -> dict[str, EntryPoint]:
+    """Every installed reader by lower-case format name, the names a source's `format` takes. Entry points
+    are only named here: a reader's module (and its library: pydicom, edfio, ...) is imported when a source
+    of that format is read (crema.data.readers.reader_class)."""
+    return {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 class ConfigError(ValueError):
@@ -260,8 +274,6 @@ class SourceConfig(Schema):
     @field_validator("format")
     @classmethod
     def _installed_format(cls, v: str) -> str:
-        from crema.data.readers import installed_readers  # here: crema.data.readers imports this module
-
         name = v.strip().lower()
         if name not in installed_readers():
             raise ValueError(f"unknown format {v!r}; installed readers: {sorted(installed_readers())}")

@@ -13,7 +13,8 @@ fine-tuning and embedding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +24,20 @@ import torch
 from crema.config import InputConditioning
 from crema.data.conditioning import condition
 from crema.data.schema import decode_masks, decode_signals
-from crema.model.losses import group_ids
 
 # What the model needs from a window row; `source` is a partition column (a folder name).
 MODEL_COLUMNS = ["signal", "lead_mask", "fs", "source", "record_id"]
+
+
+def group_ids(keys: Iterable[str]) -> torch.Tensor:
+    """Stable int64 ids for string keys (e.g. record ids), equal on every process and every run.
+
+    Python's hash() is salted per process, so ranks would disagree; a 64-bit digest makes a
+    collision inside one global batch practically impossible.
+    """
+    ids = [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
+           for k in keys]
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def decode_window_batch(batch: pa.Table, conditioning: InputConditioning, *,

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from crema.config import ConfigError, IngestConfig, SourceConfig
-from crema.data.catalog import read_manifest, write_data_files
+from crema.data.catalog import write_data_files
 from crema.data.labels import LabelIndex, LabelMapper, pseudonymise
 from crema.data.readers import Reader, reader_for
 from crema.data.schema import DUPLICATE_DETAIL, JOINED_DETAIL, MANIFEST_SCHEMA, twin_of, window_schema
@@ -51,7 +51,6 @@ WORK_SCHEMA = pa.schema([
     ("split", pa.string()),
     ("path_id", pa.string()),  # the record's path under the source, for its reader; `record_id` is what is stored
 ])
-__all__ = ["read_manifest"]  # re-exported: the committed manifest, read through the catalog
 
 
 class IngestFailed(RuntimeError):

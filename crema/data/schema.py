@@ -77,15 +77,6 @@ def to_contract_types(batch: pa.Table) -> pa.Table:
     return batch if schema.equals(batch.schema) else batch.cast(schema)
 
 
-def read_windows(output: str, columns: list[str] | None = None, filter=None,
-                 storage_options: dict | None = None, version: str | int | None = None) -> pa.Table:
-    """The windows dataset as one table (for tests, notebooks and small data; training streams it with Ray).
-    See :func:`crema.data.catalog.read_windows`."""
-    from crema.data.catalog import read_windows as read  # the catalog module imports this one
-
-    return read(output, columns=columns, filter=filter, storage_options=storage_options, version=version)
-
-
 MANIFEST_SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False),
     pa.field("record_id", pa.string(), nullable=False),

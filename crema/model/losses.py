@@ -10,14 +10,12 @@ All ranks must hold equally many samples (the loaders drop the last, uneven batc
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 
 import torch
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-from crema.train.distributed import world_size
+from crema.model.distributed import world_size
 
 
 def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
@@ -58,14 +56,3 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     # where() rather than a product: the -inf on the diagonal times 0 would be NaN.
     positive_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
     return -(positive_log_prob / positive.sum(dim=1)).mean()
-
-
-def group_ids(keys: Iterable[str]) -> torch.Tensor:
-    """Stable int64 ids for string keys (e.g. record ids), equal on every process and every run.
-
-    Python's hash() is salted per process, so ranks would disagree; a 64-bit digest makes a
-    collision inside one global batch practically impossible.
-    """
-    ids = [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
-           for k in keys]
-    return torch.tensor(ids, dtype=torch.int64)

@@ -328,6 +328,33 @@ class SiTEncoder(nn.Module):
         return 0
 
 
+_HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init: the classifier starts from chance, not random logits
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head: window (B, 12, L) -> class logits (B, C)."""
+
+    def __init__(self, encoder: SiTEncoder, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=_HEAD_INIT_STD)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.embed(x, lead_mask))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = next((getattr(model, attr) for attr in ("module", "_orig_mod")
+                      if isinstance(getattr(model, attr, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
 # ------------------------------------------------------------------------------------- decoder
 
 class MAEDecoder(nn.Module):

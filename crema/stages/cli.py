@@ -97,7 +97,7 @@ def formats() -> None:
     """List the installed readers (entry-point group `crema.readers`): the names a source's `format` takes."""
     import sys
 
-    from crema.data.readers import installed_readers
+    from crema.config import installed_readers
 
     for name, entry_point in sorted(installed_readers().items()):
         try:

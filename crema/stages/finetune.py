@@ -32,19 +32,18 @@ from rich.console import Console
 from crema import tracking
 from crema.config import SweepConfig, TaskConfig
 from crema.data.batches import iter_table_batches
-from crema.data.catalog import dataset_version
-from crema.data.schema import read_windows
+from crema.data.catalog import dataset_version, read_windows
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes, encoder_from_bytes
 from crema.evaluation.lead_sets import hide_leads
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, role_filter,
                                     split_roles)
+from crema.model.network import Classifier
 from crema.stages.common import init_ray
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, cluster_gpus,
                                 prepare_task, run_sweep, select_encoders, sweep_command, trial_run)
 from crema.train.artifacts import CLASSIFIER_FILE, save_classifier
 from crema.train.checkpoint import load_weights, save_weights
-from crema.train.engine_finetune import (Classifier, build_optimizer, multilabel_loss, predict, train_one_epoch,
-                                         with_drop_path)
+from crema.train.engine_finetune import build_optimizer, multilabel_loss, predict, train_one_epoch, with_drop_path
 from crema.train.optim import warmup_cosine
 from crema.train.precision import autocast_dtype
 

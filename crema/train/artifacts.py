@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import torch
 from torch import nn
 
 from crema.config import ModelConfig
-from crema.model.network import CREMA, SiTEncoder
+from crema.model.network import CREMA, Classifier, SiTEncoder, unwrap
 from crema.train import safe_files
 from crema.train.safe_files import UnsafeArtifactError
-
-if TYPE_CHECKING:  # crema.train.optim imports this module: engine_finetune is imported where used
-    from crema.train.engine_finetune import Classifier
 
 ENCODER_FILE = "encoder.safetensors"  # the name the stages give the artifact
 FORMAT = "crema-encoder/1"
@@ -34,19 +31,9 @@ __all__ = ["CLASSIFIER_FILE", "ENCODER_FILE", "UnsafeArtifactError", "classifier
            "save_encoder"]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = next((getattr(model, attr) for attr in ("module", "_orig_mod")
-                      if isinstance(getattr(model, attr, None), nn.Module)), None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def encoder_to_bytes(model: nn.Module) -> bytes:
     """The encoder alone (of a CREMA model or a SiTEncoder) as safetensors bytes, its config in the metadata."""
-    model = _unwrap(model)
+    model = unwrap(model)
     encoder = model.encoder if isinstance(model, CREMA) else model
     if not isinstance(encoder, SiTEncoder):
         raise TypeError(f"expected a CREMA model or a SiTEncoder; got {type(model).__name__}")
@@ -104,11 +91,9 @@ def read_encoder_config(path: str | Path | BinaryIO) -> ModelConfig:
 # ------------------------------------------------------------------------------ the classifier
 
 def classifier_to_bytes(model: nn.Module, classes: Sequence[str] | None = None) -> bytes:
-    """A fine-tuned :class:`~crema.train.engine_finetune.Classifier` (encoder + head) as safetensors bytes: its
+    """A fine-tuned :class:`~crema.model.network.Classifier` (encoder + head) as safetensors bytes: its
     encoder's config and the class names (default class_0, class_1, ...) in the metadata."""
-    from crema.train.engine_finetune import Classifier
-
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, Classifier):
         raise TypeError(f"expected a Classifier; got {type(model).__name__}")
     n = model.head.out_features
@@ -132,8 +117,6 @@ def save_classifier(model: nn.Module, path: str | Path | BinaryIO, classes: Sequ
 
 def load_classifier(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> tuple[Classifier, list[str]]:
     """(the Classifier `save_classifier` wrote, in eval mode; its class names), without unpickling anything."""
-    from crema.train.engine_finetune import Classifier
-
     data, what = _read_bytes(path)
     cfg, tensors, metadata = _parse(data, what, CLASSIFIER_FORMAT)
     classes = json.loads(metadata.get("classes", "[]"))

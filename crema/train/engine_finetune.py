@@ -16,26 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from crema.model.network import SiTEncoder
+from crema.model.network import Classifier, SiTEncoder
 from crema.train.optim import param_groups_lrd
 from crema.train.precision import autocast
-
-_HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
-
-
-class Classifier(nn.Module):
-    """Encoder + linear head: window (B, 12, L) -> class logits (B, C)."""
-
-    def __init__(self, encoder: SiTEncoder, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=_HEAD_INIT_STD)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.embed(x, lead_mask))
-
 
 def with_drop_path(encoder: SiTEncoder, rate: float) -> SiTEncoder:
     """The same weights in an encoder built with stochastic depth `rate` (drop-path is fixed at build time)."""

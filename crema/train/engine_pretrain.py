@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from crema.train.distributed import world_size
+from crema.model.distributed import world_size
 from crema.train.precision import autocast
 
 

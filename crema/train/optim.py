@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from crema.model.network import SiTEncoder
-from crema.train.artifacts import _unwrap
+from crema.model.network import SiTEncoder, unwrap
 
 NO_DECAY_NAMES = {"lead_embed", "sep_token", "mask_token", "pos_embed"}  # besides biases and norm weights
 
@@ -40,7 +39,7 @@ def param_groups_lrd(encoder: SiTEncoder, weight_decay: float, layer_decay: floa
     multiplies its lr by it), so the embeddings change least and the last block most. Weight decay
     follows :func:`decays`. A task head added on top belongs at scale 1.
     """
-    encoder = _unwrap(encoder)
+    encoder = unwrap(encoder)
     top = len(encoder.blocks) + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in encoder.named_parameters():

@@ -7,8 +7,7 @@ import shutil
 from typer.testing import CliRunner
 
 from crema.stages.cli import app
-from crema.data.schema import read_windows
-from crema.data.ingest import read_manifest
+from crema.data.catalog import read_manifest, read_windows
 
 runner = CliRunner()
 

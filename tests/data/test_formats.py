@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crema.config import ConfigError, SourceConfig, validate
+from crema.config import ConfigError, SourceConfig, installed_readers, validate
 from crema.data.signals import LEADS, NormaliseOptions, RecordRejected, to_canonical
-from crema.data.readers import installed_readers, reader_class, reader_for
+from crema.data.readers import reader_class, reader_for
 from tests.conftest import shared_data_root
 
 FORMATS = shared_data_root() / "formats"
@@ -294,7 +294,7 @@ def test_a_plugin_reader_is_found_through_its_entry_point(monkeypatch, tmp_path)
     """What a hospital's own package does: declare `crema.readers` = `module:Class` and nothing else."""
     from importlib.metadata import EntryPoint
 
-    import crema.data.readers as sources
+    import crema.config as sources
 
     plugin = EntryPoint(name="Acme", value="crema.data.readers.csv_reader:CsvReader", group=sources.ENTRY_POINT_GROUP)
     real = sources.entry_points

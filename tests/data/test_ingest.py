@@ -12,9 +12,9 @@ import wfdb
 from scipy.signal import resample_poly
 
 from crema.config import ConfigError, HashSplit, IngestConfig, SourceConfig, load_yaml
-from crema.data.catalog import dataset_version
-from crema.data.schema import decode_masks, decode_signals, read_windows
-from crema.data.ingest import IngestFailed, read_manifest
+from crema.data.catalog import dataset_version, read_manifest, read_windows
+from crema.data.schema import decode_masks, decode_signals
+from crema.data.ingest import IngestFailed
 from crema.stages.ingest import ingest
 from crema.data.signals import LEADS
 

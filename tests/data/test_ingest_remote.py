@@ -12,8 +12,8 @@ import s3fs
 import wfdb
 
 from crema.config import CatalogConfig, ConfigError, IngestConfig
-from crema.data.schema import decode_signals, read_windows
-from crema.data.ingest import read_manifest
+from crema.data.catalog import read_manifest, read_windows
+from crema.data.schema import decode_signals
 from crema.stages.ingest import ingest
 from tests.conftest import REPO, submit_job
 from tests.data.test_ingest import KEY, ptbxl_source

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from crema.model.losses import gather_with_grad, group_ids, nt_xent
+from crema.data.batches import group_ids
+from crema.model.losses import gather_with_grad, nt_xent
 
 torch.set_num_threads(1)
 

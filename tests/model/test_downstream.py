@@ -23,13 +23,15 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from crema.config import ConfigError, IngestConfig, ModelConfig
 from crema.data.batches import MODEL_COLUMNS, iter_table_batches
-from crema.data.schema import decode_signals, read_windows
+from crema.data.catalog import read_windows
+from crema.data.schema import decode_signals
 from crema.evaluation.embeddings import embed_windows, embedding_matrix
 from crema.evaluation.features import FEATURES_PER_LEAD, hand_made_features
 from crema.train.engine_pretrain import train_one_epoch
 from crema.train.optim import warmup_cosine
 from crema.stages.ingest import ingest
-from crema.train.engine_finetune import Classifier, build_optimizer
+from crema.model.network import Classifier
+from crema.train.engine_finetune import build_optimizer
 from crema.model.network import CREMA, SiTEncoder
 from crema.train.artifacts import load_encoder, save_encoder
 from crema.evaluation.encoders import build_task_encoder, encoder_bytes

@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
 from crema.config import IngestConfig, ModelConfig
-from crema.data.schema import decode_masks, decode_signals, read_windows
+from crema.data.catalog import read_windows
+from crema.data.schema import decode_masks, decode_signals
 from crema.evaluation.cross_domain import MACRO
 from crema.evaluation.embeddings import embed_windows
 from crema.evaluation.features import window_features

@@ -16,8 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from crema.config import CatalogConfig, ConfigError, ModelConfig, PretrainConfig, load_yaml
 from crema.data.batches import MODEL_COLUMNS, iter_table_batches
-from crema.data.catalog import write_windows
-from crema.data.schema import read_windows
+from crema.data.catalog import read_windows, write_windows
 from crema.train.engine_pretrain import train_one_epoch, validate
 from crema.train.optim import warmup_cosine
 from crema.model.network import CREMA

@@ -172,8 +172,8 @@ def test_finetuned_classifier_is_logged_without_pickle_and_serves_class_probabil
     from crema.data.conditioning import condition
     from crema.stages.finetune import HYPERPARAMETERS, log_classifier
     from crema.train.artifacts import load_classifier
-    from crema.train.engine_finetune import (Classifier, build_optimizer, multilabel_loss, predict,
-                                             train_one_epoch, with_drop_path)
+    from crema.model.network import Classifier
+    from crema.train.engine_finetune import build_optimizer, multilabel_loss, predict, train_one_epoch, with_drop_path
     from crema.config import SweepConfig
 
     torch.manual_seed(0)

@@ -13,28 +13,18 @@ import functools
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from importlib.metadata import EntryPoint, entry_points
 from typing import ClassVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from crema.config import SourceConfig
+from crema.config import SourceConfig, installed_readers
 from crema.data.signals import RawRecord, RecordRejected
-
-ENTRY_POINT_GROUP = "crema.readers"
 
 # Files larger than this are refused before they are read: no ECG record needs more, and a hostile
 # header must not make a worker allocate without bound.
 MAX_RECORD_BYTES = 512 * 2**20
-
-
-@functools.cache
-def installed_readers() -> dict[str, EntryPoint]:
-    """Every installed reader by lower-case format name. Entry points are only named here: a reader's
-    module (and its library: pydicom, edfio, ...) is imported when a source of that format is read."""
-    return {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def reader_class(format: str) -> type["Reader"]:
