@@ -137,7 +137,7 @@ def pretrain(name: str, cfg: ModelConfig, corpus: Corpus, x: torch.Tensor, seed:
                    for rows in (torch.randint(len(train), (batch,), generator=generator) for _ in range(n)))
         done = train_one_epoch(model, batches, optimizer, scheduler, num_steps=n, start_step=done,
                                device=torch.device("cpu"), clip_grad=1.0,
-                               on_step=lambda s: arm.losses.append(s.recon_loss))
+                               on_step=lambda s: arm.losses.append(s.terms["recon_loss"]))
         if done < steps:
             val = fit_probe(corpus, embed(model.encoder, x)).val_macro_auroc
             arm.curve.append((done, val))

@@ -465,9 +465,10 @@ class CrossDecoder(nn.Module):
 
 @dataclass
 class CRMAEOutput:
-    loss: torch.Tensor  # recon_loss + contrastive_weight * contrastive_loss
-    recon_loss: torch.Tensor
-    contrastive_loss: torch.Tensor  # 0 when contrastive_weight == 0
+    loss: torch.Tensor  # the sum of the terms, each times its weight (CREMA.loss_weights)
+    # The loss terms by name, unweighted (scalars): the step loops log each as a metric under its name
+    # (`val_<name>` in validation). contrastive_loss is 0 when contrastive_weight is 0.
+    terms: dict[str, torch.Tensor]
     pred: torch.Tensor  # (B, 12, N, P) predicted patches (in target space: standardised if norm_target)
     mask: torch.Tensor  # (B, 12, N) bool, True = hidden from the encoder
     target: torch.Tensor  # (B, 12, N, P) reconstruction targets
@@ -486,6 +487,8 @@ class CREMA(nn.Module):
         # (S, 12) bool: the leads of each lead_dropout_sets entry; a constant, not a weight (never saved)
         kept = [[lead in lead_set_leads(name) for lead in LEADS] for name in cfg.lead_dropout_sets]
         self.register_buffer("lead_dropout_masks", torch.tensor(kept, dtype=torch.bool), persistent=False)
+        # A new loss term: its weight here (from its ModelConfig field) and its value in forward's terms.
+        self.loss_weights = {"recon_loss": 1.0, "contrastive_loss": cfg.contrastive_weight}
         self.projector = None
         if cfg.contrastive_weight > 0:
             dim = cfg.embed_dim
@@ -581,11 +584,13 @@ class CREMA(nn.Module):
         pred = self.forward_decoder(latent, lead_mask, mask)                   # (B, 12, N, P)
         target = self.reconstruction_target(x, lead_mask)                      # (B, 12, N, P)
         recon_loss = self.forward_loss(target, pred, mask, lead_mask)          # scalar
-        if self.projector is None:
-            return CRMAEOutput(recon_loss, recon_loss, torch.zeros_like(recon_loss), pred, mask, target)
-        contrastive_loss = self.forward_contrastive(x, lead_mask, latent, record_group, generator)
-        loss = recon_loss + self.cfg.contrastive_weight * contrastive_loss
-        return CRMAEOutput(loss, recon_loss, contrastive_loss, pred, mask, target)
+        if self.projector is None:  # plain MAE: the loss is the reconstruction itself
+            terms = {"recon_loss": recon_loss, "contrastive_loss": torch.zeros_like(recon_loss)}
+            return CRMAEOutput(recon_loss, terms, pred, mask, target)
+        terms = {"recon_loss": recon_loss,
+                 "contrastive_loss": self.forward_contrastive(x, lead_mask, latent, record_group, generator)}
+        loss = sum(self.loss_weights[name] * term for name, term in terms.items())
+        return CRMAEOutput(loss, terms, pred, mask, target)
 
     def embed(self, x: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder.embed(x, lead_mask)

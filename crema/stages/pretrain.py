@@ -473,8 +473,7 @@ def _step_callback(worker: Worker, resumed: bool):
         position.global_step = stats.step
         position.step_in_epoch += 1
         if worker.is_rank0 and stats.step % cfg.tracking.log_every_steps == 0:
-            tracking.log_metrics({k: v for k, v in asdict(stats).items() if k != "step"}, stats.step,
-                                 synchronous=False)
+            tracking.log_metrics(stats.metrics(), stats.step, synchronous=False)
             pace = (time.perf_counter() - started[0]) / max(1, stats.step - started[1])
             log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.0f samples/s, ETA %s", stats.step,
                      total_steps, position.epoch + 1, cfg.epochs, stats.loss, stats.lr, stats.samples_per_s,

@@ -28,11 +28,20 @@ class StepStats:
 
     step: int  # optimiser steps taken so far, over the whole run
     loss: float
-    recon_loss: float
-    contrastive_loss: float
+    terms: dict[str, float]  # the model's loss terms by name (CRMAEOutput.terms), over the step's micro-batches
     lr: float
     grad_norm: float
     samples_per_s: float  # over all ranks
+
+    def metrics(self) -> dict[str, float]:
+        """The step's metrics by name, as they are logged: loss, every term, lr, grad_norm, samples_per_s."""
+        return {"loss": self.loss, **self.terms, "lr": self.lr, "grad_norm": self.grad_norm,
+                "samples_per_s": self.samples_per_s}
+
+
+def _stacked(loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(1 + terms,) float64: the loss and its terms in the terms' order, detached, for summing over batches."""
+    return torch.stack([t.detach().double() for t in (loss, *terms.values())])
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -65,7 +74,7 @@ def train_one_epoch(
     step = start_step
     for _ in range(num_steps):
         started = time.perf_counter()
-        totals = torch.zeros(3, device=device)
+        totals: torch.Tensor | None = None  # the loss and its terms, summed over micro-batches
         samples = 0
         for micro in range(accum_steps):
             try:
@@ -78,7 +87,8 @@ def train_one_epoch(
                 with autocast(device, amp_dtype):
                     out = model(batch["x"], batch["lead_mask"], batch["record_group"])
                 (out.loss / accum_steps).backward()
-            totals += torch.stack([t.detach().float() for t in (out.loss, out.recon_loss, out.contrastive_loss)])
+            stacked = _stacked(out.loss, out.terms)
+            totals = stacked if totals is None else totals + stacked
             samples += batch["x"].shape[0]
 
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad else math.inf)
@@ -88,12 +98,13 @@ def train_one_epoch(
         scheduler.step()
         step += 1
 
-        loss, recon, contrastive = (totals / accum_steps).tolist()
+        loss, *term_values = (totals / accum_steps).tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before it corrupts the weights")
         if on_step is not None:
             elapsed = time.perf_counter() - started
-            on_step(StepStats(step, loss, recon, contrastive, lr, float(grad_norm), samples * world / elapsed))
+            on_step(StepStats(step, loss, dict(zip(out.terms, term_values)), lr, float(grad_norm),
+                              samples * world / elapsed))
     return step
 
 
@@ -113,7 +124,8 @@ def validate(
     losses of different epochs are measured on the same masking (and training's RNG is untouched).
     """
     model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, recon, contrastive (× n), n
+    sums: torch.Tensor | None = None  # the loss and its terms (each × n), then n
+    names: list[str] = []
     generator = torch.Generator(device=device).manual_seed(seed)
     micro_batches = iter(batches)
     for _ in range(num_steps):
@@ -121,9 +133,12 @@ def validate(
         with autocast(device, amp_dtype):
             out = model(batch["x"], batch["lead_mask"], batch["record_group"], generator=generator)
         n = batch["x"].shape[0]
-        terms = (out.loss, out.recon_loss, out.contrastive_loss)
-        sums += torch.stack([t.double() * n for t in terms] + [torch.tensor(n, device=device).double()])
+        names = list(out.terms)
+        batch_sums = torch.cat([_stacked(out.loss, out.terms) * n, torch.tensor([n], device=device).double()])
+        sums = batch_sums if sums is None else sums + batch_sums
+    if sums is None:
+        raise ValueError("validation needs at least one batch (num_steps >= 1)")
     if world_size() > 1:
         dist.all_reduce(sums)
-    loss, recon, contrastive, n = sums.tolist()
-    return {"val_loss": loss / n, "val_recon_loss": recon / n, "val_contrastive_loss": contrastive / n}
+    *totals, n = sums.tolist()
+    return {f"val_{name}": total / n for name, total in zip(["loss", *names], totals)}

@@ -88,7 +88,7 @@ def test_output_shapes(variant):
     out = model(x, lead_mask)
     assert out.pred.shape == out.target.shape == (4, 12, n, p)
     assert out.mask.shape == (4, 12, n) and out.mask.dtype == torch.bool
-    assert out.loss.shape == out.recon_loss.shape == out.contrastive_loss.shape == ()
+    assert out.loss.shape == out.terms["recon_loss"].shape == out.terms["contrastive_loss"].shape == ()
     assert model.forward_encoder(x, lead_mask, out.mask).shape == (4, 12, 1 + k, cfg.embed_dim)
     assert model.forward_encoder(x, lead_mask).shape == (4, 12, 1 + n, cfg.embed_dim)
     assert model.embed(x, lead_mask).shape == (4, cfg.embed_dim)
@@ -145,7 +145,7 @@ def test_crop_view_shows_k_patches_inside_one_crop_in_time(mode):
     assert (last - first < 10).all()  # every view lies within one crop of half the window's 20 patches
     assert len(set(first.tolist())) > 3  # and the crops start at different times
     out = CREMA(small_config(contrastive_view="crop", contrastive_weight=0.5))(*batch_with_missing_leads())
-    assert torch.isfinite(out.contrastive_loss) and out.contrastive_loss > 0
+    assert torch.isfinite(out.terms["contrastive_loss"]) and out.terms["contrastive_loss"] > 0
 
 
 def test_loss_scores_hidden_patches_of_present_leads_only():
@@ -173,7 +173,7 @@ def test_lambda_zero_is_exactly_the_plain_mae_loss():
     x, lead_mask = batch_with_missing_leads()
     mae = CREMA(small_config(contrastive_weight=0))
     out = mae(x, lead_mask, generator=gen(3))
-    assert out.contrastive_loss.item() == 0.0 and out.loss is out.recon_loss
+    assert out.terms["contrastive_loss"].item() == 0.0 and out.loss is out.terms["recon_loss"]
 
     # The same computation written out: mask, encode visible, decode, MSE on standardised hidden patches.
     mask = mae.random_masking(lead_mask, gen(3))
@@ -198,9 +198,9 @@ def test_lambda_zero_is_exactly_the_plain_mae_loss():
     both = crmae(x, lead_mask)
     torch.manual_seed(11)
     only_mae = mae(x, lead_mask)
-    assert torch.equal(both.recon_loss, only_mae.loss)
-    assert both.contrastive_loss > 0
-    torch.testing.assert_close(both.loss, both.recon_loss + 0.5 * both.contrastive_loss)
+    assert torch.equal(both.terms["recon_loss"], only_mae.loss)
+    assert both.terms["contrastive_loss"] > 0
+    torch.testing.assert_close(both.loss, both.terms["recon_loss"] + 0.5 * both.terms["contrastive_loss"])
 
 
 def test_missing_lead_values_reach_neither_loss_nor_gradient():
@@ -218,8 +218,8 @@ def test_missing_lead_values_reach_neither_loss_nor_gradient():
 
     clean_out, clean_x_grad, clean_grads = loss_and_grads(x)
     junk_out, junk_x_grad, junk_grads = loss_and_grads(junk)
-    assert torch.equal(clean_out.recon_loss, junk_out.recon_loss)
-    assert torch.equal(clean_out.contrastive_loss, junk_out.contrastive_loss)
+    assert torch.equal(clean_out.terms["recon_loss"], junk_out.terms["recon_loss"])
+    assert torch.equal(clean_out.terms["contrastive_loss"], junk_out.terms["contrastive_loss"])
     assert (junk_x_grad[~lead_mask] == 0).all() and (junk_x_grad[lead_mask] != 0).any()
     for name, grad in clean_grads.items():
         assert torch.equal(grad, junk_grads[name]), name
@@ -309,7 +309,7 @@ def test_record_positives_need_group_ids():
     with pytest.raises(ValueError, match="record_group"):
         model(x, lead_mask)
     out = model(x, lead_mask, record_group=torch.tensor([7, 7, 8, 9]))
-    assert torch.isfinite(out.contrastive_loss) and out.contrastive_loss > 0
+    assert torch.isfinite(out.terms["contrastive_loss"]) and out.terms["contrastive_loss"] > 0
 
 
 def test_bf16_autocast_gives_a_finite_float32_loss():
@@ -413,8 +413,8 @@ def test_loss_decreases_on_a_small_batch():
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        recon.append(out.recon_loss.item())
-        contrastive.append(out.contrastive_loss.item())
+        recon.append(out.terms["recon_loss"].item())
+        contrastive.append(out.terms["contrastive_loss"].item())
     first, last = sum(recon[:5]) / 5, sum(recon[-5:]) / 5
     assert last < 0.3 * first, recon
     assert sum(contrastive[-5:]) < sum(contrastive[:5]), contrastive

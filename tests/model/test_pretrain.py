@@ -67,6 +67,42 @@ def test_loss_falls_on_real_ptbxl_windows(windows_120):
     assert all(s.grad_norm > 0 and s.samples_per_s > 0 for s in seen)
 
 
+class WithExtraTerm(CREMA):
+    """What adding a loss term takes in the model: its weight and its value; the loops carry it by name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.loss_weights["decoder_scale"] = 0.01
+
+    def forward(self, x, lead_mask, record_group=None, generator=None):
+        out = super().forward(x, lead_mask, record_group, generator)
+        out.terms["decoder_scale"] = out.pred.square().mean()
+        out.loss = out.loss + self.loss_weights["decoder_scale"] * out.terms["decoder_scale"]
+        return out
+
+
+def test_a_new_loss_term_is_logged_and_validated_by_its_name(windows_40):
+    torch.manual_seed(0)
+    rows = read_windows(str(windows_40), columns=MODEL_COLUMNS)
+    model = WithExtraTerm(ModelConfig(**SMALL_MODEL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cpu = torch.device("cpu")
+    seen = []
+    train_one_epoch(model, iter_table_batches(rows, 8, model.cfg.input, seed=0), optimizer, scheduler, num_steps=2,
+                    start_step=0, device=cpu, accum_steps=2, on_step=seen.append)
+    val = validate(model, iter_table_batches(rows, 8, model.cfg.input), num_steps=2, device=cpu)
+
+    assert list(seen[0].terms) == ["recon_loss", "contrastive_loss", "decoder_scale"]
+    assert set(seen[0].metrics()) == {"loss", "recon_loss", "contrastive_loss", "decoder_scale", "lr", "grad_norm",
+                                      "samples_per_s"}
+    assert set(val) == {"val_loss", "val_recon_loss", "val_contrastive_loss", "val_decoder_scale"}
+    weighted = sum(model.loss_weights[name] * value for name, value in seen[-1].terms.items())
+    assert seen[-1].loss == pytest.approx(weighted, rel=1e-6)  # the step's loss is its terms, weighted
+    assert val["val_loss"] == pytest.approx(
+        sum(model.loss_weights[name] * val[f"val_{name}"] for name in seen[0].terms), rel=1e-6)
+
+
 def test_gradient_accumulation_takes_the_step_of_the_whole_batch(windows_120):
     """2 micro-batches of 8 must step exactly as one batch of 16 (the loss is scaled per micro-batch).
 
