@@ -32,9 +32,8 @@ from crema.data.schema import decode_masks, decode_signals
 from crema.evaluation.embeddings import embedding_matrix
 from crema.model.network import SiTEncoder
 from crema.stages.ingest import ingest
-from crema.train.artifacts import save_encoder
+from crema.train.artifacts import encoder_to_bytes, save_encoder
 from crema.evaluation.probe import predict_probe, train_probe
-from crema.evaluation.encoders import encoder_bytes
 from crema.evaluation.tasks import SIGNAL_COLUMNS, LabelledWindows, load_task, split_roles, with_absolute_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +138,7 @@ def main() -> None:
         task = with_absolute_paths(load_task(TASK_FILE, overrides))
 
         loop, loop_s = dataloader_embeddings(dataset, encoder, args.batch_size)
-        ray_out, ray_s = ray_embeddings(task, encoder_bytes(encoder))
+        ray_out, ray_s = ray_embeddings(task, encoder_to_bytes(encoder))
         assert np.allclose(loop, ray_out, rtol=1e-3, atol=1e-4), "the two embedding paths disagree"
         print(f"\nembedding {n_windows} windows, {args.size} encoder, {cpus} CPUs")
         print(f"  torch DataLoader loop : {n_windows / loop_s:8.1f} windows/s ({loop_s:.1f} s)")

@@ -44,13 +44,3 @@ def build_task_encoder(spec: EncoderSpec, task: TaskConfig) -> SiTEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         return SiTEncoder(cfg).eval()
-
-
-def encoder_bytes(encoder: SiTEncoder) -> bytes:
-    """The encoder as save_encoder writes it: what Ray actors and Tune trials are handed."""
-    return artifacts.encoder_to_bytes(encoder)
-
-
-def encoder_from_bytes(blob: bytes, device: str | torch.device = "cpu") -> SiTEncoder:
-    """The encoder of :func:`encoder_bytes`, on `device`, in eval mode."""
-    return artifacts.encoder_from_bytes(blob, map_location=device)

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import ray
 import typer
+from fsspec.core import url_to_fs
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data._internal.datasource.iceberg_datasource import IcebergDatasource
 from rich.console import Console
 
@@ -41,6 +43,15 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> None:
         # the logging it was set up with.
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(PACKAGED_CONFIGS / "ray_data_logging.yaml"))
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
+
+
+def pyarrow_filesystem(uri: str, storage_options: dict | None) -> tuple[PyFileSystem | None, str]:
+    """(filesystem, path) where Ray or pyarrow is to write `uri`. They infer the filesystem of a plain path or
+    URI (None); fsspec options (an S3-compatible endpoint, say) need an explicit filesystem, scheme stripped."""
+    if not storage_options:
+        return None, uri
+    fs, path = url_to_fs(uri, **storage_options)
+    return PyFileSystem(FSSpecHandler(fs)), path
 
 
 class _IcebergWindows(IcebergDatasource):

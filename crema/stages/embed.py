@@ -12,7 +12,7 @@ import torch
 
 from crema.config import EmbedSettings
 from crema.evaluation.embeddings import embed_windows, embedding_table
-from crema.evaluation.encoders import encoder_from_bytes
+from crema.train.artifacts import encoder_from_bytes
 from crema.evaluation.features import window_features
 
 
@@ -24,7 +24,7 @@ class WindowEmbedder:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.encoder = encoder_from_bytes(encoder_blob, self.device)
+        self.encoder = encoder_from_bytes(encoder_blob, map_location=self.device)
         self.batch_size = batch_size
         self.precision = precision
 

@@ -33,7 +33,7 @@ from crema import tracking
 from crema.config import SweepConfig, TaskConfig
 from crema.data.batches import iter_table_batches
 from crema.data.catalog import dataset_version, read_windows
-from crema.evaluation.encoders import build_task_encoder, encoder_bytes, encoder_from_bytes
+from crema.evaluation.encoders import build_task_encoder
 from crema.evaluation.lead_sets import hide_leads
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, role_filter,
                                     split_roles)
@@ -41,7 +41,7 @@ from crema.model.network import Classifier
 from crema.stages.common import init_ray
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, cluster_gpus,
                                 prepare_task, run_sweep, select_encoders, sweep_command, trial_run)
-from crema.train.artifacts import CLASSIFIER_FILE, save_classifier
+from crema.train.artifacts import CLASSIFIER_FILE, encoder_from_bytes, encoder_to_bytes, save_classifier
 from crema.train.checkpoint import load_weights, save_weights
 from crema.train.engine_finetune import build_optimizer, multilabel_loss, predict, train_one_epoch, with_drop_path
 from crema.train.optim import warmup_cosine
@@ -54,7 +54,7 @@ HYPERPARAMETERS = ("lr", "weight_decay", "layer_decay", "drop_path")
 def build_classifier(encoder_blob: bytes, drop_path: float, num_classes: int,
                      device: str | torch.device = "cpu") -> Classifier:
     """The encoder's own weights (pretrained, or the baseline's seeded init) under a fresh head."""
-    return Classifier(with_drop_path(encoder_from_bytes(encoder_blob, device), drop_path), num_classes).to(device)
+    return Classifier(with_drop_path(encoder_from_bytes(encoder_blob, map_location=device), drop_path), num_classes).to(device)
 
 
 def window_batches(model: Classifier, windows: pa.Table, batch_size: int, y: np.ndarray | None = None, *,
@@ -103,8 +103,8 @@ def score_windows(model: Classifier, batch_size: int, precision: str, *tables: p
             for t in tables]
 
 
-def log_classifier(model: Classifier, classes: list[str], config: dict, tags: dict[str, str],
-                   sweep: SweepConfig) -> str:
+def log_chosen_classifier(model: Classifier, classes: list[str], config: dict, tags: dict[str, str],
+                          sweep: SweepConfig) -> str:
     """Log (and register, if asked) the chosen model to the active run as safetensors + pyfunc code (no pickle),
     its outputs named by the task's classes, tagged with the encoder it came from."""
     provenance = {k: v for k, v in tags.items() if k.startswith(tracking.TAG_ENCODER)
@@ -124,7 +124,7 @@ def score_best_classifier(result, tags: dict[str, str], *, encoder_blob: bytes, 
     with result.get_best_checkpoint(METRIC, "max").as_directory() as folder:
         load_weights(folder, model)
     val_scores, test_scores = ray.get(score_task.remote(model, sweep.batch_size, sweep.precision, *tables))
-    return BestTrialScores(val_scores, test_scores, log_classifier(model, classes, result.config, tags, sweep))
+    return BestTrialScores(val_scores, test_scores, log_chosen_classifier(model, classes, result.config, tags, sweep))
 
 
 def read_role_windows(task: TaskConfig, version: str | None) -> dict[str, pa.Table]:
@@ -155,7 +155,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         roles = {role: hide_leads(table, lead_set) for role, table in all_leads.items()}
         val_ref, test_ref = ray.put(roles["val"]), ray.put(roles["test"])
         for spec in specs:
-            blob = encoder_bytes(build_task_encoder(spec, task))
+            blob = encoder_to_bytes(build_task_encoder(spec, task))
             for fraction in task.label_fractions:
                 train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
                 results.append(run_sweep(SweepInputs(

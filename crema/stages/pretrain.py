@@ -60,7 +60,7 @@ import ray.train.torch
 import torch
 import typer
 from fsspec.core import url_to_fs
-from pyarrow.fs import FileSelector, FileType, FSSpecHandler, PyFileSystem
+from pyarrow.fs import FileSelector, FileType
 from pyiceberg.expressions import EqualTo
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -73,7 +73,8 @@ from crema.data.batches import MODEL_COLUMNS, decode_window_batch
 from crema.data.catalog import dataset_version, windows_dataset
 from crema.evaluation.plots import plot_reconstruction
 from crema.model.network import CREMA
-from crema.stages.common import announce_outputs, exit_2_on_config_error, init_ray, read_windows_table, run_tags
+from crema.stages.common import (announce_outputs, exit_2_on_config_error, init_ray, pyarrow_filesystem,
+                                 read_windows_table, run_tags)
 from crema.train.artifacts import ENCODER_FILE, save_encoder
 from crema.train.checkpoint import Position, load_newest_loadable, save_training_state
 from crema.train.engine_pretrain import StepStats, train_one_epoch, validate
@@ -119,15 +120,6 @@ def resolve_storage(cfg: PretrainConfig) -> PretrainConfig:
     dataset = cfg.data.dataset if "://" in cfg.data.dataset else str(Path(cfg.data.dataset).resolve())
     return cfg.model_copy(update={"storage_path": storage_root(cfg),
                                   "data": cfg.data.model_copy(update={"dataset": dataset})})
-
-
-def storage_target(cfg: PretrainConfig) -> tuple[PyFileSystem | None, str]:
-    """(filesystem, path) for RunConfig. Ray infers the filesystem of a plain path or URI; fsspec
-    options (an S3-compatible endpoint, say) need an explicit filesystem and the scheme stripped."""
-    if not cfg.storage_options:
-        return None, storage_root(cfg)
-    fs, path = url_to_fs(cfg.storage_path, **cfg.storage_options)
-    return PyFileSystem(FSSpecHandler(fs)), path
 
 
 def encoder_uri(cfg: PretrainConfig) -> str:
@@ -282,7 +274,7 @@ def run(cfg: PretrainConfig, resume: bool = False, *, parent_run_id: str | None 
     init_ray(dashboard=True)
     with quiet_dataset_progress():
         datasets = {"train": read_split(cfg, "train", version), "val": read_split(cfg, "val", version)}
-    storage_filesystem, storage_path = storage_target(cfg)
+    storage_filesystem, storage_path = pyarrow_filesystem(storage_root(cfg), cfg.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -29,21 +29,21 @@ import pyarrow.dataset as pads
 import torch
 import typer
 from fsspec.core import url_to_fs
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 from rich.console import Console
 
 from crema.config import EncoderSpec, TaskConfig
 from crema.data.signals import ALL_LEADS
 from crema.tracking import TAG_DATASET_VERSION, dataset_tags
 from crema.evaluation.embeddings import embedding_matrix
-from crema.evaluation.encoders import build_task_encoder, encoder_bytes
+from crema.evaluation.encoders import build_task_encoder
 from crema.evaluation.features import FEATURES_ID
 from crema.evaluation.lead_sets import hide_leads, lead_set_suffix
 from crema.evaluation.probe import DEFAULT_CS, LinearProbe, fit_converged_probe, predict_probe, train_probe
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
                                     task_sources)
-from crema.stages.common import init_ray, read_windows_table
+from crema.stages.common import init_ray, pyarrow_filesystem, read_windows_table
 from crema.train import safe_files
+from crema.train.artifacts import encoder_to_bytes
 from crema.train.checkpoint import load_weights, save_weights
 from crema.stages.embed import embed_dataset
 from crema.stages.sweep import (METRIC, BestTrialScores, SweepInputs, SweepResult, TrialContext, prepare_task,
@@ -60,14 +60,6 @@ DEMO_OVERRIDES = {"probe.epochs": 8, "probe.grace_period": 2, "probe.num_samples
 
 
 # ------------------------------------------------------------------------------------- embeddings
-
-def ray_filesystem(task: TaskConfig, uri: str):
-    """(path, filesystem) for Ray/pyarrow: the task's fsspec options as a pyarrow filesystem when it has any."""
-    if not task.storage_options:
-        return uri, None
-    fs, path = url_to_fs(uri, **task.storage_options)
-    return path, PyFileSystem(FSSpecHandler(fs))
-
 
 def read_task_windows(task: TaskConfig, sources: list[str], version: str | None = None):
     """The windows of `sources` (at dataset `version`, default the current one) as a Ray Dataset read
@@ -106,7 +98,8 @@ def task_embeddings(task: TaskConfig, spec: EncoderSpec, blob: bytes | None, sou
         if lead_set != ALL_LEADS:
             windows = windows.map_batches(hide_leads, fn_kwargs={"name": lead_set}, batch_format="pyarrow",
                                           udf_modifying_row_count=False)
-        embed_dataset(windows, blob, *ray_filesystem(task, uri), settings=task.embed)
+        write_fs, write_path = pyarrow_filesystem(uri, task.storage_options)
+        embed_dataset(windows, blob, write_path, write_fs, settings=task.embed)
         fs.pipe(marker, json.dumps({"encoder": spec.name, "sources": sources, "lead_set": lead_set}).encode())
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
@@ -153,7 +146,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
     sweep = task.probe
     results = []
     for spec, lead_set in itertools.product(specs, task.lead_sets):
-        blob = None if spec.init == "features" else encoder_bytes(build_task_encoder(spec, task))
+        blob = None if spec.init == "features" else encoder_to_bytes(build_task_encoder(spec, task))
         roles = split_roles(task_embeddings(task, spec, blob, sources, tags, lead_set), task)
         val = LabelledWindows.from_table(roles["val"], task.classes)
         test = LabelledWindows.from_table(roles["test"], task.classes)

@@ -234,15 +234,15 @@ def _record_predictions(keys: np.ndarray, patients: np.ndarray, labels: np.ndarr
 
 @dataclass(frozen=True)
 class SweepEvaluation:
-    """The chosen model's scores: what log_test_evaluation logged."""
+    """The chosen model's scores: what evaluate_on_test logged."""
 
     val_macro_auroc: float  # of the chosen model, on the validation records
     metrics: dict[str, float]  # metrics.evaluate keys, on every test record
     cross_domain: pd.DataFrame | None  # cross_domain_table, when the test records span sources
 
 
-def log_test_evaluation(task: TaskConfig, val: LabelledWindows, test: LabelledWindows,
-                        scores: BestTrialScores) -> SweepEvaluation:
+def evaluate_on_test(task: TaskConfig, val: LabelledWindows, test: LabelledWindows,
+                     scores: BestTrialScores) -> SweepEvaluation:
     """Thresholds from validation, metrics with patient bootstrap CIs on test, and by source when the test
     records come from several sources or one the task does not train on; all logged to the active run."""
     _, val_labels, _, val_scores = val.records(scores.val)
@@ -324,7 +324,7 @@ def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dic
     with _parent_run(inputs) as context:
         scores, chosen, n_fits = fit()
         tracking.record_best_trial("", None, chosen)
-        evaluation = log_test_evaluation(inputs.task, inputs.val, inputs.test, scores)
+        evaluation = evaluate_on_test(inputs.task, inputs.val, inputs.test, scores)
     return SweepResult(inputs.task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
                        context.parent_run_id, chosen, evaluation.val_macro_auroc, evaluation.metrics, n_fits, None,
                        context.tags, evaluation.cross_domain, inputs.lead_set)
@@ -340,7 +340,7 @@ def run_sweep(inputs: SweepInputs) -> SweepResult:
         best_config = {k: best.config[k] for k in inputs.hyperparameters}
         tracking.record_best_trial(best.metrics["trial_id"], best_run_id, best_config)
         scores = inputs.score_best(best, context.tags)
-        evaluation = log_test_evaluation(task, inputs.val, inputs.test, scores)
+        evaluation = evaluate_on_test(task, inputs.val, inputs.test, scores)
     return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
                        best_run_id, best_config, evaluation.val_macro_auroc, evaluation.metrics, len(grid),
                        scores.model_uri, context.tags, evaluation.cross_domain, inputs.lead_set)

@@ -33,8 +33,8 @@ from crema.stages.ingest import ingest
 from crema.model.network import Classifier
 from crema.train.engine_finetune import build_optimizer
 from crema.model.network import CREMA, SiTEncoder
-from crema.train.artifacts import load_encoder, save_encoder
-from crema.evaluation.encoders import build_task_encoder, encoder_bytes
+from crema.train.artifacts import encoder_to_bytes, load_encoder, save_encoder
+from crema.evaluation.encoders import build_task_encoder
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, label_fraction_subset, load_task, record_keys,
                                     split_roles)
 from crema.evaluation.probe import DEFAULT_CS
@@ -305,7 +305,7 @@ def test_finetune_starts_from_the_pretrained_weights(finetune_result, pretrained
     random_weights = build_task_encoder(task.encoders[1], task).state_dict()
 
     # What a trial builds before its first step: the artifact's weights (not a fresh init) under drop path.
-    built = finetune.build_classifier(encoder_bytes(build_task_encoder(task.encoders[0], task)), 0.1, len(CLASSES))
+    built = finetune.build_classifier(encoder_to_bytes(build_task_encoder(task.encoders[0], task)), 0.1, len(CLASSES))
     assert built.encoder.cfg.drop_path == 0.1 and built.encoder.blocks[-1].drop_path.rate == pytest.approx(0.1)
     for name, tensor in built.encoder.state_dict().items():
         assert torch.equal(tensor, weights[name]), name

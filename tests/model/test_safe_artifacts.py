@@ -170,7 +170,7 @@ def test_finetuned_classifier_is_logged_without_pickle_and_serves_class_probabil
 
     from crema import tracking
     from crema.data.conditioning import condition
-    from crema.stages.finetune import HYPERPARAMETERS, log_classifier
+    from crema.stages.finetune import HYPERPARAMETERS, log_chosen_classifier
     from crema.train.artifacts import load_classifier
     from crema.model.network import Classifier
     from crema.train.engine_finetune import build_optimizer, multilabel_loss, predict, train_one_epoch, with_drop_path
@@ -201,7 +201,7 @@ def test_finetuned_classifier_is_logged_without_pickle_and_serves_class_probabil
     sweep = SweepConfig(register_model="crema-test-classifier")
     tags = {"encoder": "crema", "encoder_run_id": "abc123", "task": "t", "label_fraction": "1.0", "other": "x"}
     with mlflow.start_run() as run:
-        model_uri = log_classifier(model, classes, config, tags, sweep)
+        model_uri = log_chosen_classifier(model, classes, config, tags, sweep)
 
     logged = mlflow.pyfunc.load_model(model_uri)
     got = logged.predict({"x": x, "lead_mask": mask}, params={"fs": 500.0, "batch_size": 2})
