@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 import typer
@@ -17,7 +19,7 @@ from crema import logs
 from crema.config import PACKAGED_CONFIGS, ConfigError
 from crema.data.catalog import WINDOWS, open_dataset
 from crema.data.schema import to_contract_types
-from crema.tracking import dataset_tags, git_commit
+from crema.tracking import dataset_tags
 
 console = Console()
 
@@ -79,6 +81,24 @@ def read_windows_table(dataset_uri: str, storage_options: dict | None, row_filte
         table_identifier=dataset.identifier(WINDOWS), row_filter=row_filter, selected_fields=tuple(columns),
         snapshot_id=int(version) if version else None, catalog_kwargs=dataset.ray_catalog_kwargs(),
     )).map_batches(to_contract_types, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def git_commit(repo_dir: str | Path | None = None) -> str | None:
+    """HEAD of the checkout the code runs from (None outside git), to tie a run to its code."""
+    where = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def copy_to_storage(local_path: str | Path, uri: str, storage_options: dict | None = None) -> str:
+    """Put one local file at a local path or a remote URI (s3://...)."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.put_file(str(local_path), path)
+    return uri
 
 
 def run_tags(dataset: str, storage_options: dict | None, version: str | None = None) -> dict[str, str]:

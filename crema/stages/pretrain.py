@@ -73,8 +73,8 @@ from crema.data.batches import MODEL_COLUMNS, decode_window_batch
 from crema.data.catalog import dataset_version, windows_dataset
 from crema.evaluation.plots import plot_reconstruction
 from crema.model.network import CREMA
-from crema.stages.common import (announce_outputs, exit_2_on_config_error, init_ray, pyarrow_filesystem,
-                                 read_windows_table, run_tags)
+from crema.stages.common import (announce_outputs, copy_to_storage, exit_2_on_config_error, init_ray,
+                                 pyarrow_filesystem, read_windows_table, run_tags)
 from crema.train.artifacts import ENCODER_FILE, save_encoder
 from crema.train.checkpoint import Position, load_newest_loadable, save_training_state
 from crema.train.engine_pretrain import StepStats, train_one_epoch, validate
@@ -553,7 +553,7 @@ def _finish_tracking(model: CREMA, cfg: PretrainConfig) -> None:
     with tempfile.TemporaryDirectory() as folder:
         local = os.path.join(folder, ENCODER_FILE)
         save_encoder(model, local)
-        tracking.copy_to_storage(local, encoder_uri(cfg), cfg.storage_options)
+        copy_to_storage(local, encoder_uri(cfg), cfg.storage_options)
         tracking.close_training_run(local, encoder_uri(cfg), model.encoder.cfg.window_samples,
                                     model.encoder.embed_dim)
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -36,7 +35,6 @@ import pandas as pd
 import requests
 import torch
 import yaml
-from fsspec.core import url_to_fs
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -255,16 +253,6 @@ def log_new_params(params: Mapping[str, str]) -> None:
         mlflow.log_params(fresh)
 
 
-def git_commit(repo_dir: str | Path | None = None) -> str | None:
-    """HEAD of the checkout the code runs from (None outside git), to tie a run to its code."""
-    where = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def dataset_tags(dataset: str, storage_options: dict | None = None, version: str | None = None) -> dict[str, str]:
     """Identify the training data: its URI, its version (the Iceberg snapshot id of its `windows` table,
     :func:`crema.data.catalog.dataset_version`: the exact rows read) and its sources. `version`: the one the
@@ -328,14 +316,6 @@ def log_figure(fig: Figure, artifact_file: str) -> None:
     plt.close(fig)
 
 
-def copy_to_storage(local_path: str | Path, uri: str, storage_options: dict | None = None) -> str:
-    """Put one local file at a local path or a remote URI (s3://...)."""
-    fs, path = url_to_fs(uri, **(storage_options or {}))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.put_file(str(local_path), path)
-    return uri
-
-
 def flush() -> None:
     """Wait for asynchronously logged metrics to reach the store."""
     mlflow.flush_async_logging()
@@ -350,53 +330,9 @@ def log_metric(key: str, value: float, step: int) -> None:
     mlflow.log_metric(key, value, step=step)
 
 
-# The encoder as an MLflow pyfunc model, "models from code": this file (not a pickle) is the model's code;
-# the weights are the safetensors artifact, loaded without unpickling anything.
-ENCODER_PYFUNC_CODE = '''"""CREMA encoder as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12) bool},
-params={"fs": 500}) returns the (n, D) float32 embeddings (crema.evaluation.serving.embed)."""
-
-import mlflow
-
-
-class CremaEncoder(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        from crema.train.artifacts import load_encoder
-
-        self.encoder = load_encoder(context.artifacts["encoder"])
-
-    def predict(self, context, model_input, params=None):
-        from crema.evaluation.serving import embed
-
-        return embed(self.encoder, model_input, params)
-
-
-mlflow.models.set_model(CremaEncoder())
-'''
-
-
-# The fine-tuned classifier the same way: this code, and the weights as the safetensors artifact of
-# crema.train.artifacts.save_classifier (encoder + head, the encoder's config and the class names in its metadata).
-CLASSIFIER_PYFUNC_CODE = '''"""CREMA fine-tuned classifier as an MLflow pyfunc: predict({"x": (n, 12, L) float32 mV, "lead_mask": (n, 12)
-bool}, params={"fs": 500}) returns a DataFrame of the class probabilities, one column per task class
-(crema.evaluation.serving.classify)."""
-
-import mlflow
-
-
-class CremaClassifier(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        from crema.train.artifacts import load_classifier
-
-        self.model, self.classes = load_classifier(context.artifacts["classifier"])
-
-    def predict(self, context, model_input, params=None):
-        from crema.evaluation.serving import classify
-
-        return classify(self.model, self.classes, model_input, params)
-
-
-mlflow.models.set_model(CremaClassifier())
-'''
+# The encoder and the classifier are logged as MLflow "models from code": the model is one of these modules
+# (encoder_model.py, classifier_model.py), not a pickle; its weights are the safetensors artifact.
+PYFUNC_MODELS = Path(__file__).resolve().parent
 
 
 def _requirements() -> list[str]:
@@ -425,11 +361,9 @@ def log_encoder_model(encoder_file: str | Path, window_samples: int, embed_dim: 
                        TensorSpec(np.dtype(np.bool_), (-1, 12), "lead_mask")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), "embedding")]),
         params=ParamSchema([ParamSpec("fs", "double", 500.0), ParamSpec("batch_size", "long", 256)]))
-    with tempfile.TemporaryDirectory() as folder:
-        code = Path(folder) / "crema_encoder_model.py"
-        code.write_text(ENCODER_PYFUNC_CODE)
-        return mlflow.pyfunc.log_model(name=name, python_model=str(code), artifacts={"encoder": str(encoder_file)},
-                                       signature=signature, pip_requirements=_requirements())
+    return mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_MODELS / "encoder_model.py"),
+                                   artifacts={"encoder": str(encoder_file)}, signature=signature,
+                                   pip_requirements=_requirements())
 
 
 # ------------------------------------------------------------------------------- pretraining
@@ -636,7 +570,7 @@ def log_classifier(classifier_file: str | Path, window_samples: int, classes: li
                    params: Mapping[str, object], provenance: Mapping[str, str], register_model: str | None) -> str:
     """Log (and register, if `register_model` names a model) a fine-tuned classifier to the active run as the
     pyfunc model "model", no pickle in it: the safetensors file of :func:`crema.train.artifacts.save_classifier`
-    and :data:`CLASSIFIER_PYFUNC_CODE`. Signature: inputs ``x`` (n, 12, window_samples) float32 raw mV and
+    and :mod:`crema.tracking.classifier_model`. Signature: inputs ``x`` (n, 12, window_samples) float32 raw mV and
     ``lead_mask`` (n, 12) bool, params ``fs`` and ``batch_size``, output one float32 probability column per class
     (named by `classes`). Returns the model's URI."""
     from mlflow.models import ModelSignature
@@ -647,13 +581,10 @@ def log_classifier(classifier_file: str | Path, window_samples: int, classes: li
                        TensorSpec(np.dtype(np.bool_), (-1, 12), "lead_mask")]),
         outputs=Schema([ColSpec("float", name) for name in classes]),
         params=ParamSchema([ParamSpec("fs", "double", 500.0), ParamSpec("batch_size", "long", 256)]))
-    with tempfile.TemporaryDirectory() as folder:
-        code = Path(folder) / "crema_classifier_model.py"
-        code.write_text(CLASSIFIER_PYFUNC_CODE)
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(code),
-                                       artifacts={"classifier": str(classifier_file)}, signature=signature,
-                                       pip_requirements=_requirements(), registered_model_name=register_model,
-                                       params={k: str(v) for k, v in params.items()}, tags=dict(provenance))
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_MODELS / "classifier_model.py"),
+                                   artifacts={"classifier": str(classifier_file)}, signature=signature,
+                                   pip_requirements=_requirements(), registered_model_name=register_model,
+                                   params={k: str(v) for k, v in params.items()}, tags=dict(provenance))
     if register_model:
         client = MlflowClient()
         for key, value in provenance.items():
