@@ -1,9 +1,10 @@
 """The per-record ingest steps: plan, fingerprint, decide changes, window, de-duplicate, write.
 
-The Ray stage (:func:`crema.stages.ingest.ingest`) runs these, in this file's order: it plans every
-source in the driver, maps :func:`fingerprint_batch` and :func:`window_batch` over record batches in Ray
-tasks, and has its Datasink write each task's windows with :func:`write_window_files`. Nothing here
-imports Ray: each step is a function of Arrow tables, testable on its own.
+:func:`run_ingest` runs these, in this file's order: it plans every source, maps :func:`fingerprint_batch`
+and :func:`window_batch` over record batches (in this process, or on Ray Data tasks when the ingest stage
+hands it its passes: :func:`crema.stages.ingest.ingest`), each batch's windows written with
+:func:`write_window_files`, and commits once. Nothing here imports Ray: each step is a function of Arrow
+tables, testable on its own, and so is the whole run.
 
 1. **plan** (driver): discover record ids, attach labels, pseudonymous patient keys and splits; a source
    without records, or with a label table matching none, is a ConfigError before any work;
@@ -27,21 +28,31 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
+import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyiceberg.expressions import In
 
 from crema.config import ConfigError, IngestConfig, SourceConfig
-from crema.data.catalog import write_data_files
-from crema.data.labels import LabelIndex, LabelMapper, pseudonymise
+from crema.data.catalog import (Dataset, Run, begin_run, commit_run, committed_manifest, dataset_version, end_run,
+                                ensure_tables, open_for_ingest, read_windows, record_identities, rewrite_records,
+                                write_data_files)
+from crema.data.labels import LabelIndex, LabelMapper, pseudonym_key, pseudonymise
 from crema.data.readers import Reader, reader_for
 from crema.data.schema import DUPLICATE_DETAIL, JOINED_DETAIL, MANIFEST_SCHEMA, twin_of, window_schema
 from crema.data.signals import (N_LEADS, UNITS_MV, UNITS_NORMALIZED, RecordRejected, is_normalized_unit, to_canonical,
                                 windows)
+
+log = logging.getLogger(__name__)
 
 WORK_SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -589,3 +600,148 @@ def summarise(output: str, summaries: dict[str, SourceSummary], manifest: pa.Tab
         if JOINED_DETAIL in (row.get("detail") or ""):
             counts.patients_joined += 1
     return IngestSummary(output, list(summaries.values()), seconds)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+class Passes(Protocol):
+    """Where the two per-record passes run: :class:`InProcess` loops over task-sized chunks here; the ingest
+    stage's ``RayPasses`` maps the same functions over Ray Data tasks. Everything else is the same run."""
+
+    def fingerprint(self, work: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str],
+                    cfg: IngestConfig) -> list[pa.Table]:
+        """:func:`fingerprint_batch` over `work`: the fingerprinted (or rejected) records, in any order."""
+        ...
+
+    def window(self, pending: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig,
+               config_hashes: dict[str, str], windows, run) -> tuple[list, list[pa.Table]]:
+        """:func:`window_batch` then :func:`write_window_files` over `pending`, writing into the `windows`
+        table as `run` (committing nothing): ([(DataFile, its records)], manifest rows per task)."""
+        ...
+
+
+def task_chunks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """The table in slices of `rows` (the last shorter): what one task of a pass is handed."""
+    return [table.slice(i, rows) for i in range(0, len(table), rows)]
+
+
+class InProcess:
+    """The passes in this process, one chunk after another: a small ingest, a test, a notebook."""
+
+    def fingerprint(self, work, sources, config_hashes, cfg):
+        return [fingerprint_batch(chunk, sources, config_hashes)
+                for chunk in task_chunks(work, cfg.records_per_task * 4)]
+
+    def window(self, pending, sources, cfg, config_hashes, windows, run):
+        data_files, manifest_parts = [], []
+        for index, chunk in enumerate(task_chunks(pending, cfg.records_per_task)):
+            files, rows = write_window_files(window_batch(chunk, sources, cfg, config_hashes), windows.metadata,
+                                             windows.io, run.id, index, source_units(sources))
+            data_files.extend(files)
+            manifest_parts.append(rows)
+        return data_files, manifest_parts
+
+
+def run_ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = None,
+               pseudonym: bytes | None = None, force: bool = False, *, passes: Passes | None = None,
+               on_planned: Callable[[str], None] | None = None) -> IngestSummary:
+    """One ingest run: plan → fingerprint → decide → window → de-duplicate → join patients → commit → end
+    the run, then the data-quality reports and the summary. The passes run on `passes` (default in this
+    process); `on_planned(output)` is called once the plan holds (a source without records is a ConfigError
+    before anything is written or started). Raises IngestFailed, after committing, when a source's rejects
+    exceed its allowed fraction. Re-ingests exactly the records whose fingerprint changed; `force`: all."""
+    cfg = cfg or IngestConfig()
+    passes = passes or InProcess()
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names must be unique, got {names}")
+    key = pseudonym if pseudonym is not None else pseudonym_key()
+    started = time.perf_counter()
+    output = output if "://" in output else str(Path(output).resolve())  # once: every path printed is usable
+    by_name = {s.name: s for s in sources}
+    work, summaries = plan(sources, key)
+    if on_planned is not None:
+        on_planned(output)
+    log.info("planned %d records of %d sources (%s)", len(work), len(sources), ", ".join(names))
+    dataset = open_for_ingest(output, cfg.catalog, cfg.storage_options)
+    row_bytes = N_LEADS * cfg.window_samples * (2 if cfg.dtype == "float16" else 4)
+    ensure_tables(dataset, cfg.window_samples, cfg.dtype, max(1, cfg.row_group_bytes // row_bytes))
+
+    run = begin_run(dataset)  # after finishing or undoing killed runs
+    try:
+        previous = committed_manifest(dataset)
+        config_hashes = {s.name: config_fingerprint(s, cfg) for s in sources}
+        fingerprinted = _fingerprint(passes, work, by_name, config_hashes, cfg, previous, force)
+        changes = plan_changes(fingerprinted, previous, set(names) if force else set())
+        log.info("%d records to read and window; unchanged sources kept: %s", len(changes.pending),
+                 ", ".join(sorted(changes.unchanged)) or "none")
+        if changes.replace:
+            written, windowed = _window_pass(passes, changes.pending, by_name, cfg, config_hashes, dataset, run)
+            windowed, dropped, pairs = mark_duplicates(windowed, changes.kept, names, cfg.drop_duplicates)
+            # Kept copies: their patients joined to their twins' (a committed twin's identity from its windows).
+            windowed, rekeyed = join_patients(windowed, pairs, changes.pending,
+                                              record_identities(dataset, [twin for twin, _ in pairs]), names)
+            windows = dataset.windows()
+            data_files = rewrite_records(written, windows.metadata, windows.io, run.id, dropped, rekeyed)
+            manifest_new = pa.concat_tables([windowed, changes.settled.cast(windowed.schema)])
+            hashes = pa.array([config_hashes[s] for s in manifest_new["source"].to_pylist()], pa.string())
+            committed = commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
+            snapshot = committed.current_snapshot()  # None while no run has committed a window (all rejected)
+            log.info("committed %d data files of %d records: dataset version %s", len(data_files), len(manifest_new),
+                     snapshot.snapshot_id if snapshot else "none (no windows yet)")
+        manifest = committed_manifest(dataset)
+    finally:
+        end_run(run)
+
+    if changes.replace:
+        _reports(output, sorted(changes.replace), manifest, cfg)
+    summary = summarise(output, summaries, manifest, changes.unchanged, time.perf_counter() - started, changes.replace)
+    failed = [s for s in summary.sources if s.discovered and s.rejected / s.discovered > _max_rejects(by_name[s.name], cfg)]
+    if failed:
+        raise IngestFailed("; ".join(f"{s.name}: {s.rejected} of {s.discovered} records rejected "
+                                     f"(> max_reject_fraction={_max_rejects(by_name[s.name], cfg)})" for s in failed)
+                           + f"; see the manifest table of {output}", summary)
+    return summary
+
+
+def _reports(output: str, sources: list[str], manifest: pa.Table, cfg: IngestConfig) -> None:
+    """OUTPUT/reports/<source>.md and .png of the sources this run changed (a report failure is only a warning)."""
+    from crema.data.report import write_reports  # matplotlib: only when a report is written
+
+    try:
+        windows = read_windows(output, columns=["source", "window_index", "labels"],
+                               filter=In("source", sources), storage_options=cfg.storage_options)
+        write_reports(output, sources, manifest, windows, dataset_version(output, cfg.storage_options),
+                      cfg.storage_options)
+    except Exception as err:  # the dataset is committed; the report is a view of it
+        log.warning("data-quality report not written: %s: %s", type(err).__name__, err)
+
+
+def _max_rejects(source: SourceConfig, cfg: IngestConfig) -> float:
+    return cfg.max_reject_fraction if source.max_reject_fraction is None else source.max_reject_fraction
+
+
+def _fingerprint(passes: Passes, work: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str],
+                 cfg: IngestConfig, previous: pa.Table | None, force: bool) -> pa.Table:
+    """Fingerprints (or reject reasons) of the planned records of sources with committed records, sorted by
+    source and record id. A new or forced source's records are all re-read anyway: they skip this pass
+    (null fingerprint) and the window pass fingerprints them from the bytes it reads."""
+    known = set() if force or previous is None else set(previous["source"].to_pylist())
+    decide = pc.is_in(work["source"], pa.array(sorted(known), pa.string()))
+    fresh = work.filter(pc.invert(decide))
+    parts = [fresh.append_column("fingerprint", pa.nulls(len(fresh), pa.string()))
+                  .append_column("reason", pa.nulls(len(fresh), pa.string()))
+                  .append_column("detail", pa.nulls(len(fresh), pa.string()))]
+    work = work.filter(decide)
+    if len(work):
+        parts.extend(passes.fingerprint(work, sources, config_hashes, cfg))
+    return pa.concat_tables(parts).sort_by([("source", "ascending"), ("record_id", "ascending")])
+
+
+def _window_pass(passes: Passes, pending: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig,
+                 config_hashes: dict[str, str], dataset: Dataset, run: Run) -> tuple[list, pa.Table]:
+    """Window the pending records into uncommitted data files; ([(DataFile, its records)], their manifest rows)."""
+    data_files, parts = passes.window(pending, sources, cfg, config_hashes, dataset.windows(), run) \
+        if len(pending) else ([], [])
+    written = pa.concat_tables(parts).cast(MANIFEST_SCHEMA) if parts else MANIFEST_SCHEMA.empty_table()
+    return data_files, account_for_lost(pending, written)

@@ -4,9 +4,9 @@ Hospital records → canonical windows in two Apache Iceberg tables (`windows`, 
 accounted for. Three passes over each source, all streaming: plan (driver, before Ray starts: a source
 with no records is a config error), fingerprint (Ray tasks), window (Ray tasks, whose
 :class:`WindowsDatasink` writes data files of the `windows` table and hands their metadata back). The
-driver then commits them as one Iceberg snapshot (:func:`crema.data.catalog.commit_run`). The per-record
-steps are :mod:`crema.data.ingest`; the tables and commits :mod:`crema.data.catalog`; this module runs
-them on Ray.
+driver then commits them as one Iceberg snapshot (:func:`crema.data.catalog.commit_run`). The run and its
+steps are :mod:`crema.data.ingest` (:func:`~crema.data.ingest.run_ingest`, which also runs in-process); the
+tables and commits :mod:`crema.data.catalog`; this module hands the run its passes on Ray, and is the command.
 
 Why not ``Dataset.write_iceberg``: Ray 2.60's Iceberg sink does the same thing (tasks write data files
 with pyiceberg, the driver commits once, overwrite-by-filter supported), but it commits inside the sink
@@ -25,99 +25,42 @@ manifest are still committed, for inspection); 2 invalid configuration; 3 no spa
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 from typing import Annotated, Iterable, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import typer
-from pyiceberg.expressions import In
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from rich.console import Console
 from rich.table import Table
 
 from crema.config import IngestConfig, SourceConfig, load_yaml, parse_overrides, validate
-from crema.data.catalog import (Dataset, Run, begin_run, commit_run, committed_manifest, dataset_version, end_run,
-                                ensure_tables, is_disk_full, open_for_ingest, read_windows, record_identities,
-                                rewrite_records)
-from crema.data.ingest import (IngestFailed, IngestSummary, account_for_lost, config_fingerprint, fingerprint_batch,
-                               join_patients, mark_duplicates, plan, plan_changes, source_units, summarise,
-                               window_batch, write_window_files)
+from crema.data.catalog import Run, is_disk_full
 from crema.data.labels import pseudonym_key
-from crema.data.report import write_reports
-from crema.data.schema import MANIFEST_SCHEMA
-from crema.data.signals import N_LEADS
+from crema.data.ingest import (IngestFailed, IngestSummary, fingerprint_batch, run_ingest, source_units, window_batch,
+                               write_window_files)
 from crema.stages.common import announce_outputs, exit_2_on_config_error, init_ray
 from crema.tracking import redact_uri
 
 EXIT_REJECTS, EXIT_CONFIG, EXIT_DISK_FULL = 1, 2, 3
 UNMAPPED_LISTED = 20  # unmapped label statements named in the summary, the most frequent first
 console = Console()
-# Named for the module also under `python -m` (__name__ is then "__main__", outside crema's log handler).
-log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 
 def ingest(sources: list[SourceConfig], output: str, cfg: IngestConfig | None = None,
            pseudonym: bytes | None = None, force: bool = False) -> IngestSummary:
-    """Run the whole stage. Raises IngestFailed (after committing) when a source's rejects exceed its allowed
-    fraction, ConfigError (before Ray starts) for a bad config, a source without records or a dataset of
-    another window length. Re-ingests exactly the records whose fingerprint changed; `force`: every record."""
+    """The ingest run (:func:`crema.data.ingest.run_ingest`) with its passes on Ray Data. Raises IngestFailed
+    (after committing) when a source's rejects exceed its allowed fraction, ConfigError (before Ray starts)
+    for a bad config, a source without records or a dataset of another window length."""
     cfg = cfg or IngestConfig()
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"source names must be unique, got {names}")
-    key = pseudonym if pseudonym is not None else pseudonym_key()
-    started = time.perf_counter()
-    output = output if "://" in output else str(Path(output).resolve())  # once: every path printed is usable
-    by_name = {s.name: s for s in sources}
-    work, summaries = plan(sources, key)  # first: a source without records is a ConfigError, nothing written
-    announce_outputs({"dataset": output, "catalog": _catalog_location(output, cfg),
-                      "reports": f"{output.rstrip('/')}/reports/<source>.md"})
-    log.info("planned %d records of %d sources (%s)", len(work), len(sources), ", ".join(names))
-    dataset = open_for_ingest(output, cfg.catalog, cfg.storage_options)
-    row_bytes = N_LEADS * cfg.window_samples * (2 if cfg.dtype == "float16" else 4)
-    ensure_tables(dataset, cfg.window_samples, cfg.dtype, max(1, cfg.row_group_bytes // row_bytes))
 
-    init_ray()
-    run = begin_run(dataset)  # after finishing or undoing killed runs
-    try:
-        previous = committed_manifest(dataset)
-        config_hashes = {s.name: config_fingerprint(s, cfg) for s in sources}
-        changes = plan_changes(_fingerprint(work, by_name, config_hashes, cfg, previous, force), previous,
-                               set(names) if force else set())
-        log.info("%d records to read and window; unchanged sources kept: %s", len(changes.pending),
-                 ", ".join(sorted(changes.unchanged)) or "none")
-        if changes.replace:
-            written, windowed = _window_pass(changes.pending, by_name, cfg, config_hashes, dataset, run)
-            windowed, dropped, pairs = mark_duplicates(windowed, changes.kept, names, cfg.drop_duplicates)
-            # Kept copies: their patients joined to their twins' (a committed twin's identity from its windows).
-            windowed, rekeyed = join_patients(windowed, pairs, changes.pending,
-                                              record_identities(dataset, [twin for twin, _ in pairs]), names)
-            windows = dataset.windows()
-            data_files = rewrite_records(written, windows.metadata, windows.io, run.id, dropped, rekeyed)
-            manifest_new = pa.concat_tables([windowed, changes.settled.cast(windowed.schema)])
-            hashes = pa.array([config_hashes[s] for s in manifest_new["source"].to_pylist()], pa.string())
-            committed = commit_run(run, changes.replace, data_files, manifest_new.append_column("config_hash", hashes))
-            snapshot = committed.current_snapshot()  # None while no run has committed a window (all rejected)
-            log.info("committed %d data files of %d records: dataset version %s", len(data_files), len(manifest_new),
-                     snapshot.snapshot_id if snapshot else "none (no windows yet)")
-        manifest = committed_manifest(dataset)
-    finally:
-        end_run(run)
+    def announce(resolved: str) -> None:
+        announce_outputs({"dataset": resolved, "catalog": _catalog_location(resolved, cfg),
+                          "reports": f"{resolved.rstrip('/')}/reports/<source>.md"})
 
-    if changes.replace:
-        _reports(output, sorted(changes.replace), manifest, cfg)
-    summary = summarise(output, summaries, manifest, changes.unchanged, time.perf_counter() - started, changes.replace)
-    failed = [s for s in summary.sources if s.discovered and s.rejected / s.discovered > _max_rejects(by_name[s.name], cfg)]
-    if failed:
-        raise IngestFailed("; ".join(f"{s.name}: {s.rejected} of {s.discovered} records rejected "
-                                     f"(> max_reject_fraction={_max_rejects(by_name[s.name], cfg)})" for s in failed)
-                           + f"; see the manifest table of {output}", summary)
-    return summary
+    return run_ingest(sources, output, cfg, pseudonym, force, passes=RayPasses(), on_planned=announce)
 
 
 def _catalog_location(output: str, cfg: IngestConfig) -> str:
@@ -127,54 +70,25 @@ def _catalog_location(output: str, cfg: IngestConfig) -> str:
     return f"{cfg.catalog.type} catalog {where}, namespace {cfg.catalog.namespace}"
 
 
-def _reports(output: str, sources: list[str], manifest: pa.Table, cfg: IngestConfig) -> None:
-    """OUTPUT/reports/<source>.md and .png of the sources this run changed (a report failure is only a warning)."""
-    try:
-        windows = read_windows(output, columns=["source", "window_index", "labels"],
-                               filter=In("source", sources), storage_options=cfg.storage_options)
-        write_reports(output, sources, manifest, windows, dataset_version(output, cfg.storage_options),
-                      cfg.storage_options)
-    except Exception as err:  # the dataset is committed; the report is a view of it
-        console.print(f"[yellow]data-quality report not written:[/yellow] {type(err).__name__}: {err}", soft_wrap=True)
+class RayPasses:
+    """The two passes of an ingest run as Ray Data tasks (Ray started on first use, after the plan)."""
 
-
-def _max_rejects(source: SourceConfig, cfg: IngestConfig) -> float:
-    return cfg.max_reject_fraction if source.max_reject_fraction is None else source.max_reject_fraction
-
-
-def _fingerprint(work: pa.Table, sources: dict[str, SourceConfig], config_hashes: dict[str, str],
-                 cfg: IngestConfig, previous: pa.Table | None, force: bool) -> pa.Table:
-    """Fingerprints (or reject reasons) of the planned records of sources with committed records, sorted by
-    source and record id. A new or forced source's records are all re-read anyway: they skip this pass
-    (null fingerprint) and the window pass fingerprints them from the bytes it reads."""
-    known = set() if force or previous is None else set(previous["source"].to_pylist())
-    decide = pc.is_in(work["source"], pa.array(sorted(known), pa.string()))
-    fresh = work.filter(pc.invert(decide))
-    parts = [fresh.append_column("fingerprint", pa.nulls(len(fresh), pa.string()))
-                  .append_column("reason", pa.nulls(len(fresh), pa.string()))
-                  .append_column("detail", pa.nulls(len(fresh), pa.string()))]
-    work = work.filter(decide)
-    if len(work):
+    def fingerprint(self, work, sources, config_hashes, cfg):
+        init_ray()
         refs = _as_dataset(work, cfg.records_per_task * 4).map_batches(
             fingerprint_batch, fn_kwargs={"sources": sources, "config_hashes": config_hashes},
             batch_format="pyarrow", batch_size=None,
         ).to_arrow_refs()
-        parts.extend(ray.get(refs))
-    return pa.concat_tables(parts).sort_by([("source", "ascending"), ("record_id", "ascending")])
+        return ray.get(refs)
 
-
-def _window_pass(pending: pa.Table, sources: dict[str, SourceConfig], cfg: IngestConfig,
-                 config_hashes: dict[str, str], dataset: Dataset, run: Run) -> tuple[list, pa.Table]:
-    """Window the pending records into uncommitted data files; ([(DataFile, its records)], their manifest rows)."""
-    sink = WindowsDatasink(dataset.windows(), run, source_units(sources))
-    if len(pending):
+    def window(self, pending, sources, cfg, config_hashes, windows, run):
+        init_ray()
+        sink = WindowsDatasink(windows, run, source_units(sources))
         _as_dataset(pending, cfg.records_per_task).map_batches(
             window_batch, fn_kwargs={"sources": sources, "cfg": cfg, "config_hashes": config_hashes},
             batch_format="pyarrow", batch_size=None,
         ).write_datasink(sink)
-    written = pa.concat_tables(sink.manifest_parts).cast(MANIFEST_SCHEMA) if sink.manifest_parts \
-        else MANIFEST_SCHEMA.empty_table()
-    return sink.data_files, account_for_lost(pending, written)
+        return sink.data_files, sink.manifest_parts
 
 
 class WindowsDatasink(Datasink[tuple]):

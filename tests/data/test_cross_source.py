@@ -11,7 +11,7 @@ from pyiceberg.expressions import And, EqualTo
 from crema.config import IngestConfig, LabelTable, SourceConfig
 from crema.data.catalog import read_manifest, read_windows
 from crema.data.labels import pseudonymise
-from crema.stages.ingest import ingest
+from crema.data.ingest import run_ingest
 
 KEY = b"test-pseudonym-key"
 SPLITS = {"train": ["train"], "val": ["val"], "test": ["test"]}
@@ -39,7 +39,7 @@ def identities(out: str, source: str) -> dict[str, tuple[str, str]]:
     return {r: (p, s) for r, p, s in zip(*(rows[c].to_pylist() for c in ("record_id", "patient_key", "split")))}
 
 
-def test_a_recording_in_two_sources_is_one_patients_in_one_split(ptbxl_root, ray_local, tmp_path):
+def test_a_recording_in_two_sources_is_one_patients_in_one_split(ptbxl_root, tmp_path):
     a = labelled_source(ptbxl_root, tmp_path / "a", "a", {"00001_hr": ("00001_hr", "pa1", "train"),
                                                           "00002_hr": ("00002_hr", "pa2", "train")})
     # b holds 00001_hr again (another name, another patient id, the test split), another record of that
@@ -50,7 +50,7 @@ def test_a_recording_in_two_sources_is_one_patients_in_one_split(ptbxl_root, ray
     first_copy = (pseudonymise("pa1", "a", KEY), "train")
 
     kept = str(tmp_path / "kept")
-    summary = ingest([a, b], kept, IngestConfig(drop_duplicates=False), pseudonym=KEY)
+    summary = run_ingest([a, b], kept, IngestConfig(drop_duplicates=False), pseudonym=KEY)
     by_name = {s.name: s for s in summary.sources}
     assert (by_name["b"].ok, by_name["b"].duplicate, by_name["b"].duplicate_kept) == (3, 0, 1)
     assert by_name["b"].cross_source_duplicates == 1 and by_name["a"].cross_source_duplicates == 0
@@ -71,12 +71,12 @@ def test_a_recording_in_two_sources_is_one_patients_in_one_split(ptbxl_root, ray
     assert "## Duplicates" in report and "1 of another source's" in report
 
     # Source b again on its own (forced): its twin is now a committed record of a, found in the windows table.
-    again = ingest([b], kept, IngestConfig(drop_duplicates=False), pseudonym=KEY, force=True)
+    again = run_ingest([b], kept, IngestConfig(drop_duplicates=False), pseudonym=KEY, force=True)
     assert again.sources[0].cross_source_duplicates == 1 and again.sources[0].duplicate_kept == 1
     assert identities(kept, "b") == windows
 
     dropped = str(tmp_path / "dropped")
-    summary = ingest([a, b], dropped, IngestConfig(drop_duplicates=True), pseudonym=KEY)
+    summary = run_ingest([a, b], dropped, IngestConfig(drop_duplicates=True), pseudonym=KEY)
     b_summary = {s.name: s for s in summary.sources}["b"]
     assert (b_summary.ok, b_summary.duplicate, b_summary.duplicate_kept, b_summary.cross_source_duplicates) == (2, 1, 0, 1)
     rows = {(r["source"], r["record_id"]): r for r in read_manifest(dropped).to_pylist()}

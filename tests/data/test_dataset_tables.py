@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import yaml
+from fsspec.core import url_to_fs
 
 from crema.config import CatalogConfig, ConfigError, IngestConfig, SourceConfig
 from crema.data import catalog
+from crema.data.catalog import commits
 from crema.data.catalog import (begin_run, commit_run, dataset_version, open_dataset, open_for_ingest, read_manifest,
                                 read_windows, write_data_files, write_windows)
 from crema.data.schema import decode_signals, window_schema
@@ -76,12 +79,12 @@ def dead_pid() -> int:
 def kill(run: catalog.Run) -> None:
     """Leave `run` as a SIGKILL would: marker of a dead process in place, nothing cleaned up."""
     fs, marker = run.dataset.path(run.marker)
-    fs.pipe(marker, f'{{"host": "{catalog.socket.gethostname()}", "pid": {dead_pid()}, "started": 0}}'.encode())
+    fs.pipe(marker, f'{{"host": "{socket.gethostname()}", "pid": {dead_pid()}, "started": 0}}'.encode())
 
 
 def data_files(uri: str, options: dict) -> set[str]:
     dataset = open_dataset(uri, options)
-    fs, root = catalog.url_to_fs(dataset.windows().location() + "/data", **options)
+    fs, root = url_to_fs(dataset.windows().location() + "/data", **options)
     return set(fs.find(root))
 
 
@@ -120,7 +123,7 @@ def test_killed_between_windows_and_manifest_commits_is_rolled_forward(warehouse
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("SIGKILL between the two commits")
 
-    monkeypatch.setattr(catalog, "_apply_pending", killed)
+    monkeypatch.setattr(commits, "_apply_pending", killed)
     with pytest.raises(KeyboardInterrupt):
         commit_run(run, {"a": None}, files, manifest_rows(new))
     monkeypatch.undo()

@@ -14,9 +14,9 @@ from scipy.signal import resample_poly
 from crema.config import ConfigError, HashSplit, IngestConfig, SourceConfig, load_yaml
 from crema.data.catalog import dataset_version, read_manifest, read_windows
 from crema.data.schema import decode_masks, decode_signals
-from crema.data.ingest import IngestFailed
-from crema.stages.ingest import ingest
+from crema.data.ingest import IngestFailed, run_ingest
 from crema.data.signals import LEADS
+from crema.stages.ingest import ingest
 
 KEY = b"test-pseudonym-key"
 SUPERCLASSES = ("NORM", "STTC", "CD", "MI", "HYP")
@@ -41,11 +41,27 @@ def superclass_counts(table) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def records500(ptbxl_root, ray_local, tmp_path_factory):
+    """The 500 records500 on the Ray path (the stage's `ingest`); the other ingest tests run in-process."""
     out = tmp_path_factory.mktemp("ingest500") / "dataset"
     # PTB-XL holds byte-identical recordings under different ids; keep them all here so that every
     # record's labels count (test_duplicate_recordings_dropped_by_default covers the default policy).
     summary = ingest([ptbxl_source(ptbxl_root)], str(out), IngestConfig(drop_duplicates=False), pseudonym=KEY)
     return out, summary
+
+
+def test_the_in_process_run_commits_what_the_ray_run_commits(records500, ptbxl_root, tmp_path):
+    """run_ingest on its in-process passes and the stage on Ray Data: the same windows, byte for byte, and
+    the same manifest, on the same 500 records."""
+    ray_out, ray_summary = records500
+    out = tmp_path / "dataset"
+    summary = run_ingest([ptbxl_source(ptbxl_root)], str(out), IngestConfig(drop_duplicates=False), pseudonym=KEY)
+    assert summary.sources == ray_summary.sources
+    columns = ["source", "record_id", "window_index", "signal", "lead_mask", "labels", "split", "patient_key"]
+    order = [("source", "ascending"), ("record_id", "ascending"), ("window_index", "ascending")]
+    assert read_windows(str(out), columns=columns).sort_by(order).equals(
+        read_windows(str(ray_out), columns=columns).sort_by(order))
+    by_record = [("source", "ascending"), ("record_id", "ascending")]
+    assert read_manifest(str(out), {}).sort_by(by_record).equals(read_manifest(str(ray_out), {}).sort_by(by_record))
 
 
 def test_every_record500_ingested_with_label_and_fold_counts(records500):
@@ -60,7 +76,7 @@ def test_every_record500_ingested_with_label_and_fold_counts(records500):
     assert manifest.num_rows == 500 and set(manifest["status"].to_pylist()) == {"ok"}
 
 
-def test_duplicate_recordings_dropped_by_default(ptbxl_root, ray_local, tmp_path):
+def test_duplicate_recordings_dropped_by_default(ptbxl_root, tmp_path):
     import hashlib
 
     folder = ptbxl_root / "records500/00000"
@@ -70,7 +86,7 @@ def test_duplicate_recordings_dropped_by_default(ptbxl_root, ray_local, tmp_path
     expected_duplicates = sorted(r for group in by_hash.values() for r in group[1:])
     assert expected_duplicates, "the shared records500 is known to hold byte-identical pairs"
 
-    summary = ingest([ptbxl_source(ptbxl_root)], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([ptbxl_source(ptbxl_root)], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     manifest = read_manifest(str(tmp_path / "ds"), {})
     duplicates = manifest.filter(pc.equal(manifest["status"], "duplicate"))
     assert sorted(duplicates["record_id"].to_pylist()) == expected_duplicates
@@ -107,12 +123,12 @@ def test_folds_map_to_splits_and_no_patient_in_two_splits(records500, ptbxl_root
     assert max(per_patient["split_count_distinct"].to_pylist()) == 1
 
 
-def test_records100_resampled_labels_and_hash_split(ptbxl_root, ray_local, tmp_path):
+def test_records100_resampled_labels_and_hash_split(ptbxl_root, tmp_path):
     labels = ptbxl_source(ptbxl_root, "records100").labels.model_dump()
     labels["split_column"] = None  # force the patient-hash split
     source = ptbxl_source(ptbxl_root, "records100", name="ptbxl100", labels=labels,
                           hash_split=HashSplit(val=0.1, test=0.1).model_dump())
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(target_fs=500, dtype="float32", drop_duplicates=False),
+    summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(target_fs=500, dtype="float32", drop_duplicates=False),
                      pseudonym=KEY)
     assert summary.sources[0].ok == 1999
     table = read_windows(str(tmp_path / "ds"))
@@ -128,13 +144,13 @@ def test_records100_resampled_labels_and_hash_split(ptbxl_root, ray_local, tmp_p
         np.testing.assert_allclose(signals[k], resample_poly(ref, 5, 1, axis=-1), atol=1e-5)
 
 
-def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tmp_path):
+def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, tmp_path):
     folder = tmp_path / "src"
     folder.mkdir()
     for f in (shared_data / "formats" / "wfdb").iterdir():
         shutil.copy(f, folder / f.name)
     source = SourceConfig(name="formats", format="wfdb", path=str(folder), pseudonymise_record_ids=False)
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(max_reject_fraction=1.0), pseudonym=KEY)
+    summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(max_reject_fraction=1.0), pseudonym=KEY)
     manifest = {r["record_id"]: r for r in read_manifest(str(tmp_path / "ds"), {}).to_pylist()}
     # s0010_re: 12 standard leads (lower-case names) + Frank vx/vy/vz dropped, 1000 Hz -> 500 Hz, 38.4 s -> 3 windows
     assert manifest["s0010_re"]["status"] == "ok" and manifest["s0010_re"]["n_windows"] == 3
@@ -149,7 +165,7 @@ def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tm
 
     # With MLII mapped to II explicitly and a lower lead minimum, record 100 is kept and masked.
     mapped = SourceConfig(name="mitdb", format="wfdb", path=str(folder), lead_aliases={"MLII": "II"}, pseudonymise_record_ids=False)
-    ingest([mapped], str(tmp_path / "ds2"), IngestConfig(min_leads=2), pseudonym=KEY)
+    run_ingest([mapped], str(tmp_path / "ds2"), IngestConfig(min_leads=2), pseudonym=KEY)
     table = read_windows(str(tmp_path / "ds2"), filter=pc.equal(pc.field("record_id"), "100"))
     masks = decode_masks(table["lead_mask"])
     assert table.num_rows == 180  # 30 min 5.6 s at 10 s windows
@@ -157,7 +173,7 @@ def test_ptb_15_channel_record_and_non_12_lead_record(shared_data, ray_local, tm
     assert np.abs(decode_signals(table)[:, ~masks[0]]).max() == 0
 
 
-def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, ray_local, tmp_path):
+def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, tmp_path):
     src = tmp_path / "hospital"
     src.mkdir()
     good = ["00001_hr", "00002_hr", "00003_hr"]
@@ -186,7 +202,7 @@ def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, 
     (src / "copy_of_2.hea").write_text((src / "00002_hr.hea").read_text().replace("00002_hr", "copy_of_2"))
 
     source = SourceConfig(name="hospital", format="wfdb", path=str(src), pseudonymise_record_ids=False)
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(max_reject_fraction=1.0), pseudonym=KEY)
+    summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(max_reject_fraction=1.0), pseudonym=KEY)
     rows = {r["record_id"]: r for r in read_manifest(str(tmp_path / "ds"), {}).to_pylist()}
     assert len(rows) == len(good) + len(broken) + 1  # every discovered record is accounted for
     assert [rows[g]["status"] for g in good] == ["ok"] * 3
@@ -207,11 +223,11 @@ def test_broken_inputs_rejected_with_reasons_good_records_untouched(ptbxl_root, 
     np.testing.assert_allclose(got.astype(np.float32), ref, atol=2e-3, rtol=1e-3)
 
     with pytest.raises(IngestFailed, match="rejected"):
-        ingest([source], str(tmp_path / "ds3"), IngestConfig(max_reject_fraction=0.2), pseudonym=KEY)
+        run_ingest([source], str(tmp_path / "ds3"), IngestConfig(max_reject_fraction=0.2), pseudonym=KEY)
     assert read_manifest(str(tmp_path / "ds3"), {}).num_rows == len(rows)  # still written, for inspection
 
 
-def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, ray_local, tmp_path):
+def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, tmp_path):
     def subset(name, ids):
         folder = tmp_path / name
         folder.mkdir()
@@ -222,16 +238,16 @@ def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, ra
 
     a, b = subset("a", range(1, 21)), subset("b", range(21, 41))
     out = str(tmp_path / "ds")
-    ingest([a], out, IngestConfig(), pseudonym=KEY)
+    run_ingest([a], out, IngestConfig(), pseudonym=KEY)
     first = read_windows(out).sort_by("record_id")
     version = dataset_version(out)
 
-    summary = ingest([a], out, IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([a], out, IngestConfig(), pseudonym=KEY)
     assert summary.sources[0].skipped_unchanged
     assert read_windows(out).sort_by("record_id").equals(first)
     assert dataset_version(out) == version  # nothing committed
 
-    ingest([b], out, IngestConfig(), pseudonym=KEY)
+    run_ingest([b], out, IngestConfig(), pseudonym=KEY)
     assert read_windows(out, filter=pc.field("source") == "a").sort_by("record_id").equals(first)
     both = read_windows(out)
     assert both.num_rows == 40 and Counter(both["source"].to_pylist()) == {"a": 20, "b": 20}
@@ -239,12 +255,12 @@ def test_rerun_is_idempotent_and_second_source_leaves_first_alone(ptbxl_root, ra
     assert read_windows(out, version=version).num_rows == 20  # the earlier version stays readable
 
     # A changed setting re-ingests the source (replacing, not appending, its windows).
-    ingest([a], out, IngestConfig(target_fs=1000, window_s=5), pseudonym=KEY)
+    run_ingest([a], out, IngestConfig(target_fs=1000, window_s=5), pseudonym=KEY)
     rows = read_windows(out, filter=pc.equal(pc.field("source"), "a"))
     assert rows.num_rows == 40 and set(rows["fs"].to_pylist()) == {1000}
     # One dataset has one window length: another is refused before any work.
     with pytest.raises(ConfigError, match="5000 samples"):
-        ingest([a], out, IngestConfig(target_fs=250), pseudonym=KEY)
+        run_ingest([a], out, IngestConfig(target_fs=250), pseudonym=KEY)
     assert not list((tmp_path / "ds" / "_runs").iterdir()) and not list((tmp_path / "ds" / "_pending").iterdir())
 
 

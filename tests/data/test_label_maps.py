@@ -13,7 +13,8 @@ import pytest
 from crema.config import ConfigError, IngestConfig, LabelMap, SourceConfig, load_yaml, validate
 from crema.data.catalog import read_manifest, read_windows
 from crema.data.labels import CHALLENGE_SNOMED, LabelIndex, LabelMapper
-from crema.stages.ingest import ingest, print_summary
+from crema.stages.ingest import print_summary
+from crema.data.ingest import run_ingest
 
 KEY = b"test-pseudonym-key"
 REPO = Path(__file__).resolve().parents[2]
@@ -178,11 +179,11 @@ def labels_of(out: Path) -> dict:
     return dict(zip(table["record_id"].to_pylist(), table["labels"].to_pylist()))
 
 
-def test_ludb_ingest_yields_the_mapped_classes(ludb_root, ray_local, tmp_path, monkeypatch, capsys):
+def test_ludb_ingest_yields_the_mapped_classes(ludb_root, tmp_path, monkeypatch, capsys):
     # 1: sinus bradycardia, LVH, repolarisation; 4: IRBBB, LVH, ischaemia and scar; 56: a normal ECG.
     ids = ["1", "4", "56"]
     source = ludb_source(ludb_root, monkeypatch, records=some_ludb_records(tmp_path, ids))
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     index = LabelIndex(source)
     assert labels_of(tmp_path / "ds") == {r: list(index.lookup(r).labels) for r in ids}
     assert (labels_of(tmp_path / "ds")["4"], labels_of(tmp_path / "ds")["56"]) == (["CD", "HYP", "MI", "SR", "STTC"],
@@ -193,7 +194,7 @@ def test_ludb_ingest_yields_the_mapped_classes(ludb_root, ray_local, tmp_path, m
     assert "no label map matches" not in capsys.readouterr().out
 
 
-def test_unmapped_ludb_statements_are_counted_and_listed_never_stored(ludb_root, ray_local, tmp_path,
+def test_unmapped_ludb_statements_are_counted_and_listed_never_stored(ludb_root, tmp_path,
                                                                        monkeypatch, capsys):
     """A map that forgot the hypertrophies: the summary names them with their record counts; the windows hold
     no statement text."""
@@ -201,7 +202,7 @@ def test_unmapped_ludb_statements_are_counted_and_listed_never_stored(ludb_root,
     partial = full.model_copy(update={"rules": [r for r in full.rules if "hypertrophy" not in (r.regex or "")]})
     ids = ["1", "2", "5"]  # LVH in 1 and 2, left atrial hypertrophy in 2 and 5
     source = ludb_source(ludb_root, monkeypatch, records=some_ludb_records(tmp_path, ids), label_maps=[partial])
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     s = summary.sources[0]
     assert s.unmapped_labels == Counter({"Left ventricular hypertrophy": 2, "Left atrial hypertrophy": 2,
                                          "Left ventricular overload": 1})
@@ -212,7 +213,7 @@ def test_unmapped_ludb_statements_are_counted_and_listed_never_stored(ludb_root,
     assert "3 label statements no label map matches" in out and "'Left ventricular hypertrophy' × 2" in out
 
 
-def test_challenge_dx_codes_are_mapped_in_the_window_pass(ptbxl_root, ray_local, tmp_path):
+def test_challenge_dx_codes_are_mapped_in_the_window_pass(ptbxl_root, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for name, dx in (("00001_hr", "426783006,59118001"), ("00002_hr", "426783006"), ("00003_hr", "164865005")):
@@ -221,14 +222,14 @@ def test_challenge_dx_codes_are_mapped_in_the_window_pass(ptbxl_root, ray_local,
         (src / f"{name}.hea").write_text(header + f"#Dx: {dx}\n")
     source = SourceConfig(name="cinc", format="wfdb", path=str(src), pseudonymise_record_ids=False,
                           label_maps=["configs/label_maps/challenge_snomed.yaml"])  # type: ignore[list-item]
-    summary = ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     assert labels_of(tmp_path / "ds") == {"00001_hr": ["CD", "SR"], "00002_hr": ["NORM", "SR"], "00003_hr": []}
     manifest = read_manifest(str(tmp_path / "ds")).to_pylist()
     flagged = {row["record_id"] for row in manifest if "unmapped_labels" in (row["flags"] or "")}
     assert flagged == {"00003_hr"} and summary.sources[0].records_with_unmapped_header_labels == 1
 
 
-def test_muse_statements_become_labels_only_through_a_map(shared_data, ray_local, tmp_path):
+def test_muse_statements_become_labels_only_through_a_map(shared_data, tmp_path):
     """The real GE MUSE export says "Sinus bradycardia / with sinus arrhythmia / with 1st degree A-V block /
     Otherwise normal ECG" (and "Confirmed by <physician>", typed in: never read)."""
     path = str(shared_data / "formats" / "ge_muse_xml")
@@ -239,10 +240,10 @@ def test_muse_statements_become_labels_only_through_a_map(shared_data, ray_local
         {"glob": "*normal ECG", "to": "NORM"},
     ], "unless": {"NORM": ["CD"]}}
     mapped = SourceConfig(name="muse", format="muse", path=path, label_maps=[muse_map])  # type: ignore[list-item]
-    ingest([mapped], str(tmp_path / "mapped"), IngestConfig(), pseudonym=KEY)
+    run_ingest([mapped], str(tmp_path / "mapped"), IngestConfig(), pseudonym=KEY)
     assert list(labels_of(tmp_path / "mapped").values()) == [["CD", "SARRH", "SBRAD"]]
 
     unmapped = SourceConfig(name="muse", format="muse", path=path)  # no map: free text is never stored
-    summary = ingest([unmapped], str(tmp_path / "raw"), IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([unmapped], str(tmp_path / "raw"), IngestConfig(), pseudonym=KEY)
     assert list(labels_of(tmp_path / "raw").values()) == [[]]
     assert summary.sources[0].records_with_unmapped_header_labels == 1

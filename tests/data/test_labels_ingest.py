@@ -7,7 +7,8 @@ import shutil
 from crema.config import IngestConfig, LabelTable, SourceConfig
 from crema.data.catalog import read_windows
 from crema.data.labels import label_name
-from crema.stages.ingest import ingest, print_summary
+from crema.stages.ingest import print_summary
+from crema.data.ingest import run_ingest
 
 KEY = b"test-pseudonym-key"
 
@@ -23,18 +24,18 @@ def labels_of(out) -> dict:
     return dict(zip(table["record_id"].to_pylist(), table["labels"].to_pylist()))
 
 
-def test_challenge_dx_codes_become_labels(ptbxl_root, ray_local, tmp_path):
+def test_challenge_dx_codes_become_labels(ptbxl_root, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     copy_record(ptbxl_root, src, "00001_hr", "#Age: 56\n#Sex: Female\n#Dx: 164889003,59118001\n#Rx: Unknown\n")
     copy_record(ptbxl_root, src, "00002_hr")
-    ingest([SourceConfig(name="cinc", format="wfdb", path=str(src), pseudonymise_record_ids=False)],
+    run_ingest([SourceConfig(name="cinc", format="wfdb", path=str(src), pseudonymise_record_ids=False)],
            str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     assert labels_of(tmp_path / "ds") == {"00001_hr": ["164889003", "59118001"], "00002_hr": []}
     assert [label_name(c) for c in ("164889003", "59118001", "999")] == ["AF", "RBBB", "999"]
 
 
-def test_label_separator_several_columns_and_the_coverage_line(ptbxl_root, ray_local, tmp_path, capsys):
+def test_label_separator_several_columns_and_the_coverage_line(ptbxl_root, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     for name in ("00001_hr", "00002_hr", "00003_hr"):
@@ -43,7 +44,7 @@ def test_label_separator_several_columns_and_the_coverage_line(ptbxl_root, ray_l
                                     '00002_hr,Sinus rhythm|Sinus arrhythmia,\nnot_here,Sinus rhythm,\n')
     table = LabelTable(table="labels.csv", record_column="record", label_column=["rhythm", "form"],
                        label_format="list", label_separator="|")
-    summary = ingest([SourceConfig(name="ludb", format="wfdb", path=str(src), labels=table)],
+    summary = run_ingest([SourceConfig(name="ludb", format="wfdb", path=str(src), labels=table)],
                      str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     assert labels_of(tmp_path / "ds") == {"00001_hr": ["Atrial flutter, typical", "Q waves"],
                                          "00002_hr": ["Sinus arrhythmia", "Sinus rhythm"], "00003_hr": []}

@@ -14,7 +14,7 @@ from crema.config import IngestConfig, SourceConfig
 from crema.data.catalog import read_manifest, read_windows
 from crema.data.schema import decode_masks
 from crema.data.signals import LEADS, NormaliseOptions, RawRecord, RecordRejected, to_canonical
-from crema.stages.ingest import ingest
+from crema.data.ingest import run_ingest
 
 KEY = b"test-pseudonym-key"
 V2 = LEADS.index("V2")
@@ -66,7 +66,7 @@ def test_absurd_rate_and_gain_are_rejected_and_normalised_amplitudes_flagged(ecg
     assert err.value.reason == "bad_gain"
 
 
-def test_lead_quality_and_flags_reach_the_dataset(ptbxl_root, ray_local, tmp_path):
+def test_lead_quality_and_flags_reach_the_dataset(ptbxl_root, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for name in ("00001_hr", "00002_hr"):
@@ -80,7 +80,7 @@ def test_lead_quality_and_flags_reach_the_dataset(ptbxl_root, ray_local, tmp_pat
     z = (record.p_signal - record.p_signal.mean(axis=0)) / record.p_signal.std(axis=0)
     wfdb.wrsamp("zscored", fs=500, units=["mV"] * 12, sig_name=record.sig_name, p_signal=z, fmt=["16"] * 12,
                 adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(src))
-    summary = ingest([SourceConfig(name="h", format="wfdb", path=str(src), pseudonymise_record_ids=False)],
+    summary = run_ingest([SourceConfig(name="h", format="wfdb", path=str(src), pseudonymise_record_ids=False)],
                      str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     assert summary.sources[0].normalised == 1
     table = read_windows(str(tmp_path / "ds"), filter=pc.field("record_id") == "flat_v2")
@@ -90,7 +90,7 @@ def test_lead_quality_and_flags_reach_the_dataset(ptbxl_root, ray_local, tmp_pat
     assert flags == {"00001_hr": None, "00002_hr": None, "flat_v2": None, "zscored": "normalised_amplitude"}
 
 
-def test_report_per_source_and_sources_check(ptbxl_root, ray_local, tmp_path):
+def test_report_per_source_and_sources_check(ptbxl_root, tmp_path):
     import subprocess
     import sys
 
@@ -103,7 +103,7 @@ def test_report_per_source_and_sources_check(ptbxl_root, ray_local, tmp_path):
             shutil.copy(ptbxl_root / "records500/00000" / f"{name}.{ext}", src)
     (src / "broken.hea").write_text("garbage\n")
     out = tmp_path / "ds"
-    ingest([SourceConfig(name="h", format="wfdb", path=str(src))], str(out), IngestConfig(max_reject_fraction=1.0),
+    run_ingest([SourceConfig(name="h", format="wfdb", path=str(src))], str(out), IngestConfig(max_reject_fraction=1.0),
            pseudonym=KEY)
     report = (out / "reports/h.md").read_text()
     assert (out / "reports/h.png").stat().st_size > 10_000

@@ -10,18 +10,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import wfdb
+from pyiceberg.schema import Schema
 
 from crema.config import IngestConfig, SourceConfig, load_yaml
 from crema.data import catalog
 from crema.data.catalog import read_manifest, read_windows
 from crema.data.schema import decode_signals
-from crema.stages.ingest import ingest
+from crema.data.ingest import run_ingest
 from tests.data.test_dataset_tables import L, make_windows, manifest_rows
 
 KEY = b"test-pseudonym-key"
 
 
-def test_a_source_declaring_normalized_units_lands_as_declared(ptbxl_root, ray_local, tmp_path):
+def test_a_source_declaring_normalized_units_lands_as_declared(ptbxl_root, tmp_path):
     zsrc, mvsrc = tmp_path / "zscored", tmp_path / "mv"
     zsrc.mkdir()
     mvsrc.mkdir()
@@ -40,7 +41,7 @@ def test_a_source_declaring_normalized_units_lands_as_declared(ptbxl_root, ray_l
     plain = SourceConfig(name="mv", format="wfdb", path=str(mvsrc), pseudonymise_record_ids=False)
 
     out = str(tmp_path / "ds")
-    summary = ingest([declared, plain], out, IngestConfig(), pseudonym=KEY)
+    summary = run_ingest([declared, plain], out, IngestConfig(), pseudonym=KEY)
     assert [(s.name, s.ok, s.rejected, s.normalised) for s in summary.sources] == [("zscored", 1, 0, 1), ("mv", 1, 0, 0)]
     flags = {r["source"]: r["flags"] for r in read_manifest(out).to_pylist()}
     assert flags == {"zscored": "normalised_amplitude", "mv": None}
@@ -52,7 +53,7 @@ def test_a_source_declaring_normalized_units_lands_as_declared(ptbxl_root, ray_l
 
     # Undeclared, the same file is uV converted to mV (the declaration is what changes it, not a guess).
     undeclared = declared.model_copy(update={"units": None})
-    ingest([undeclared], str(tmp_path / "ds2"), IngestConfig(), pseudonym=KEY)
+    run_ingest([undeclared], str(tmp_path / "ds2"), IngestConfig(), pseudonym=KEY)
     rows = read_windows(str(tmp_path / "ds2"))
     assert rows["units"].to_pylist() == ["mV"] and read_manifest(str(tmp_path / "ds2"))["flags"].to_pylist() == [None]
     np.testing.assert_allclose(decode_signals(rows)[0].astype(np.float32), stored * 1e-3, rtol=2e-3, atol=1e-4)
@@ -63,7 +64,7 @@ def test_a_windows_table_from_before_the_units_column_reads_and_gains_it(tmp_pat
     dataset = catalog.open_for_ingest(uri, None)
     dataset.catalog.create_namespace_if_not_exists(dataset.namespace)
     new_schema = catalog.windows_iceberg_schema(L, "float16")
-    old_schema = catalog.Schema(*[f for f in new_schema.fields if f.name != "units"])
+    old_schema = Schema(*[f for f in new_schema.fields if f.name != "units"])
     dataset.catalog.create_table(dataset.identifier(catalog.WINDOWS), old_schema, partition_spec=catalog.WINDOWS_SPEC,
                                  properties={catalog.WINDOW_SAMPLES_KEY: str(L), catalog.DTYPE_KEY: "float16"})
     dataset.catalog.create_table(dataset.identifier(catalog.MANIFEST), catalog.MANIFEST_ICEBERG_SCHEMA,

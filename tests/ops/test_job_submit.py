@@ -60,8 +60,8 @@ def test_readme_submit_example_on_a_token_auth_cluster(ray_cluster, ptbxl_root, 
     assert "succeeded" in output
     # What the job's log shows a platform engineer: where the outputs go, then progress by phase.
     assert f"dataset      → {out}" in output
-    assert "crema.stages.ingest: planned 4 records of 1 sources" in output
-    assert re.search(r"crema\.stages\.ingest: committed \d+ data files of 4 records: dataset version \d+", output)
+    assert "crema.data.ingest: planned 4 records of 1 sources" in output
+    assert re.search(r"crema\.data\.ingest: committed \d+ data files of 4 records: dataset version \d+", output)
     assert any(out.rglob("*.parquet")), sorted(p.name for p in out.rglob("*"))[:20]
 
     # The key reaches the job from the node's environment: no job metadata, no output carries it.
