@@ -38,9 +38,8 @@ from rich.table import Table
 
 from crema.config import IngestConfig, SourceConfig, load_yaml, parse_overrides, validate
 from crema.data.catalog import Run, is_disk_full
-from crema.data.labels import pseudonym_key
-from crema.data.ingest import (IngestFailed, IngestSummary, fingerprint_batch, run_ingest, source_units, window_batch,
-                               write_window_files)
+from crema.data.ingest import (IngestFailed, IngestSummary, fingerprint_batch, run_ingest, source_units, task_chunks,
+                               window_batch, write_window_files)
 from crema.stages.common import announce_outputs, exit_2_on_config_error, init_ray
 from crema.tracking import redact_uri
 
@@ -119,7 +118,7 @@ def _as_dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     # does not have: on 2 CPUs it ran one task at a time ("backpressured: ResourceBudget"; 8 half-second
     # tasks took 5.1 s, without the reservation 2.2 s). The setting lives in this driver's DataContext only.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
+    return ray.data.from_arrow(task_chunks(table, rows_per_block))
 
 
 # ---------------------------------------------------------------------------------------- command
@@ -178,8 +177,7 @@ def run(sources: list[Path], output: str, config: Optional[Path] = None, overrid
     cfg = load_yaml(config, IngestConfig, parse_overrides(overrides or [])) if config else \
         validate(IngestConfig, parse_overrides(overrides or []))
     source_cfgs = [load_yaml(path, SourceConfig) for path in sources]
-    key = pseudonym if pseudonym is not None else pseudonym_key()
-    return ingest(source_cfgs, output, cfg, pseudonym=key, force=force)
+    return ingest(source_cfgs, output, cfg, pseudonym=pseudonym, force=force)
 
 
 def main(
