@@ -13,6 +13,7 @@ import re
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,6 +66,16 @@ def join_uri(base: str, relative: str) -> str:
         scheme, rest = base.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
     return os.path.normpath(os.path.join(base, relative))
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a password (``https://user:***@host``), for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -704,9 +715,11 @@ class TaskConfig(Schema):
     # The splits of a test source the task does not train on: none of its records was trained or selected on.
     external_splits: list[SplitName] = ["train", "val", "test"]
     label_fractions: list[float] = [1.0]  # of the training patients; one sweep each
+    # The patient subsets drawn at each fraction below 1, one sweep per seed: [0, 1, 2] draws three, and the
+    # comparison table gives their mean and spread (a 1 % subset's score depends on which patients it drew).
+    fraction_seeds: list[int] = [0]
     # The leads the probe sees at train and test time (crema.data.signals.lead_set_leads): all, limb6, I, I+II...
     lead_sets: list[str] = ["all"]
-    fraction_seed: int = 0
     seed: int = 0
     n_boot: int = Field(1000, ge=1)  # patient bootstrap resamples for the test CIs
     converged_probe: bool = True  # also probe with L-BFGS to convergence (method probe_lbfgs), C chosen on val
@@ -742,6 +755,20 @@ class TaskConfig(Schema):
         if not v or any(not 0 < f <= 1 for f in v):
             raise ValueError(f"label fractions must be in (0, 1], got {v}")
         return v
+
+    @field_validator("fraction_seeds")
+    @classmethod
+    def _fraction_seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"fraction seeds must be given and not repeat, got {v}")
+        return v
+
+    def label_subsets(self) -> list[tuple[float, int | None]]:
+        """(fraction, seed of its patient draw) per sweep: every seed below 1, no draw (None) at 1, all patients."""
+        subsets: list[tuple[float, int | None]] = []
+        for fraction in self.label_fractions:
+            subsets += [(fraction, None)] if fraction == 1.0 else [(fraction, seed) for seed in self.fraction_seeds]
+        return subsets
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":

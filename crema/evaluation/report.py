@@ -2,17 +2,17 @@
 
 A sweep's parent run (tag ``crema.kind=sweep``) carries task, method, encoder and label_fraction tags
 and the test metrics of its best trial (read back by :func:`crema.tracking.sweep_runs`). The latest sweep
-of each (task, sources, label fraction, method, encoder, pretraining run) is the one reported: rows are
-keyed by the encoder's pretraining run, so two runs' encoders of one name are two rows.
+of each (task, sources, label fraction and draw, method, encoder, pretraining run) is the one reported: rows
+are keyed by the encoder's pretraining run, so two runs' encoders of one name are two rows. The draws of a
+label fraction (its patient subsets) share one cell: their mean and standard deviation.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
-
-import json
 
 from crema.data.signals import ALL_LEADS
 from crema.tracking import PRETRAIN_RUN, SWEEP_GROUP, TAG_ENCODER_INIT
@@ -80,6 +80,18 @@ def _cell(row: pd.Series, metric: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _cell_over_draws(sweeps: pd.DataFrame, metric: str) -> str:
+    """One sweep's cell; several draws of a label fraction: mean ± sd (n draws), each draw's CI left out."""
+    if len(sweeps) == 1:
+        return sweeps["cell"].iloc[0]
+    values = sweeps[metric].astype(float).dropna() if metric in sweeps else pd.Series(dtype=float)
+    if values.empty:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.3f} (1 draw)"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f} ({len(values)} draws)"
+
+
 def compare_table(runs: pd.DataFrame, metric: str = "test_macro_auroc") -> pd.DataFrame:
     """Rows: method · encoder (baselines included); columns: task (see column_name); cells: value [CI]."""
     if runs.empty:
@@ -94,7 +106,8 @@ def compare_table(runs: pd.DataFrame, metric: str = "test_macro_auroc") -> pd.Da
                     latest["label_fraction"])],
         cell=[_cell(r, metric) for _, r in latest.iterrows()],
     )
-    table = latest.pivot(index="row", columns="column", values="cell").fillna("–")
+    cells = {key: _cell_over_draws(sweeps, metric) for key, sweeps in latest.groupby(["row", "column"])}
+    table = pd.Series(cells).unstack().fillna("–")
     table.index.name = metric
     table.columns.name = None
     return table.sort_index()

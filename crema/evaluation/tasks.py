@@ -100,10 +100,13 @@ def split_roles(table: pa.Table, task: TaskConfig) -> dict[Role, pa.Table]:
     return roles
 
 
-def label_fraction_subset(table: pa.Table, fraction: float, seed: int) -> pa.Table:
-    """The rows of a `fraction` of the table's patients: every record of a kept patient, nothing of the others."""
+def label_fraction_subset(table: pa.Table, fraction: float, seed: int | None) -> pa.Table:
+    """The rows of a `fraction` of the table's patients, drawn with `seed`: every record of a kept patient, nothing
+    of the others. At fraction 1, the table (there is nothing to draw)."""
     if fraction == 1.0:
         return table
+    if seed is None:
+        raise ValueError(f"a label fraction of {fraction:g} needs the seed of its patient draw")
     keys = record_keys(table)
     kept = sample_label_fraction(keys, table["patient_key"].to_numpy(zero_copy_only=False), fraction, seed)
     return table.filter(pa.array(np.isin(keys, kept)))

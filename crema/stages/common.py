@@ -19,7 +19,6 @@ from crema import logs
 from crema.config import PACKAGED_CONFIGS, ConfigError
 from crema.data.catalog import WINDOWS, open_dataset
 from crema.data.schema import to_contract_types
-from crema.tracking import dataset_tags
 
 console = Console()
 
@@ -104,6 +103,10 @@ def copy_to_storage(local_path: str | Path, uri: str, storage_options: dict | No
 def run_tags(dataset: str, storage_options: dict | None, version: str | None = None) -> dict[str, str]:
     """Tags every training run carries: the dataset's identity (at `version`, the one the stage pinned and
     reads), the code's commit and Ray's version."""
+    # Imported here: MLflow and torch come with crema.tracking, and the ingest stage, which shares this
+    # module, needs neither (2.4 s of every ingest job's start).
+    from crema.tracking import dataset_tags
+
     tags = dataset_tags(dataset, storage_options, version)
     # A job submitted without .git (code from the image, or --working-dir without it): the submit
     # wrapper passes the commit in CREMA_GIT_COMMIT.

@@ -156,8 +156,8 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         val_ref, test_ref = ray.put(roles["val"]), ray.put(roles["test"])
         for spec in specs:
             blob = encoder_to_bytes(build_task_encoder(spec, task))
-            for fraction in task.label_fractions:
-                train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
+            for fraction, fraction_seed in task.label_subsets():
+                train = label_fraction_subset(roles["train"], fraction, fraction_seed)
                 results.append(run_sweep(SweepInputs(
                     task=task, method="finetune", spec=spec, fraction=fraction, sweep=sweep, trainable=finetune_trial,
                     trial_inputs=dict(encoder_blob=blob, train=train,
@@ -167,7 +167,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
                     n_train_windows=train.num_rows,
                     score_best=partial(score_best_classifier, encoder_blob=blob, classes=list(task.classes),
                                        sweep=sweep, score_task=score_task, tables=(val_ref, test_ref)),
-                    dataset_version=version, lead_set=lead_set)))
+                    dataset_version=version, lead_set=lead_set, fraction_seed=fraction_seed)))
     return results
 
 

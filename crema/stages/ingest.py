@@ -36,12 +36,11 @@ from ray.data.block import BlockAccessor
 from rich.console import Console
 from rich.table import Table
 
-from crema.config import IngestConfig, SourceConfig, load_yaml, parse_overrides, validate
+from crema.config import IngestConfig, SourceConfig, load_yaml, parse_overrides, redact_uri, validate
 from crema.data.catalog import Run, is_disk_full
 from crema.data.ingest import (IngestFailed, IngestSummary, fingerprint_batch, run_ingest, source_units, task_chunks,
                                window_batch, write_window_files)
 from crema.stages.common import announce_outputs, exit_2_on_config_error, init_ray
-from crema.tracking import redact_uri
 
 EXIT_REJECTS, EXIT_CONFIG, EXIT_DISK_FULL = 1, 2, 3
 UNMAPPED_LISTED = 20  # unmapped label statements named in the summary, the most frequent first

@@ -68,7 +68,7 @@ from ray.train.torch import TorchTrainer
 from rich.console import Console
 
 from crema import logs, tracking
-from crema.config import ConfigError, InputConditioning, PretrainConfig, load_yaml, parse_overrides
+from crema.config import ConfigError, InputConditioning, PretrainConfig, load_yaml, parse_overrides, redact_uri
 from crema.data.batches import MODEL_COLUMNS, decode_window_batch
 from crema.data.catalog import dataset_version, windows_dataset
 from crema.evaluation.plots import plot_reconstruction
@@ -153,7 +153,7 @@ def output_locations(cfg: PretrainConfig, tracking_uri: str) -> dict[str, str]:
     """Everything the job writes, where: printed when it starts."""
     run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
     return {"checkpoints": f"{run_dir}/checkpoint_step*", "encoder": encoder_uri(cfg),
-            "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {cfg.tracking.experiment}, run {cfg.name})",
+            "mlflow": f"{redact_uri(tracking_uri)} (experiment {cfg.tracking.experiment}, run {cfg.name})",
             "dataset": cfg.data.dataset}
 
 

@@ -151,8 +151,8 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
         val = LabelledWindows.from_table(roles["val"], task.classes)
         test = LabelledWindows.from_table(roles["test"], task.classes)
         z_val, z_test = embedding_matrix(roles["val"]), embedding_matrix(roles["test"])
-        for fraction in task.label_fractions:
-            train = label_fraction_subset(roles["train"], fraction, task.fraction_seed)
+        for fraction, fraction_seed in task.label_subsets():
+            train = label_fraction_subset(roles["train"], fraction, fraction_seed)
             y_train = LabelledWindows.from_table(train, task.classes).y
             z_train = embedding_matrix(train)
             inputs = SweepInputs(
@@ -163,7 +163,7 @@ def run(task: TaskConfig | str | Path, overrides: dict | None = None,
                 resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial or 0},
                 val=val, test=test, n_train_windows=train.num_rows,
                 score_best=partial(score_best_probe, z_val=z_val, z_test=z_test, num_classes=len(task.classes)),
-                dataset_version=tags.get(TAG_DATASET_VERSION), lead_set=lead_set)
+                dataset_version=tags.get(TAG_DATASET_VERSION), lead_set=lead_set, fraction_seed=fraction_seed)
             if task.converged_probe:
                 results.append(run_fitted(replace(inputs, method="probe_lbfgs", hyperparameters=("C",)),
                                           partial(converged_probe_scores, z_train, y_train, z_val, z_test, val)))

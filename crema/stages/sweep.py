@@ -1,7 +1,7 @@
 """The sweep machinery of the probe and fine-tune stages: the task's encoders, one Ray Tune sweep per encoder and
 label fraction with its MLflow runs, and the single test evaluation of the sweep's best trial.
 
-MLflow layout of a sweep: a parent run (tags task, method, encoder, label_fraction; the sweep's
+MLflow layout of a sweep: a parent run (tags task, method, encoder, label_fraction, label_draw; the sweep's
 settings as params; the task config, the test metrics, ROC curves, metrics table and record-level
 test predictions as artifacts) and one nested run per trial, which the trial creates itself in its
 own process under the parent's id (tag ``mlflow.parentRunId``), holding its hyperparameters and
@@ -36,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from crema import tracking
-from crema.config import ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig, parse_overrides
+from crema.config import (ConfigError, EncoderSpec, SearchSpace, SweepConfig, TaskConfig, parse_overrides,
+                          redact_uri)
 from crema.evaluation.cross_domain import (MACRO, ScoredRecords, by_source_metrics, cross_domain_figure,
                                            cross_domain_table)
 from crema.data.signals import ALL_LEADS
@@ -80,6 +81,12 @@ class SweepResult:
     tags: dict[str, str] = field(default_factory=dict)
     cross_domain: pd.DataFrame | None = None  # by source, when the test records come from several or another
     lead_set: str = ALL_LEADS  # the leads the model saw (crema.evaluation.lead_sets)
+    fraction_seed: int | None = None  # the training patients' draw (SweepInputs.fraction_seed)
+
+    @property
+    def label_subset(self) -> str:
+        """The label fraction as the tables print it: 0.01 (draw 2), or 1."""
+        return f"{self.label_fraction:g}" + ("" if self.fraction_seed is None else f" (draw {self.fraction_seed})")
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ def prepare_task(task: TaskConfig | str | Path, overrides: dict | None = None) -
     task = with_absolute_paths(task)
     folder = f"{task.output.rstrip('/')}/{task.name}"
     announce_outputs({"embeddings": f"{folder}/embeddings", "trials": f"{folder}/tune",
-                      "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {task.tracking.experiment})",
+                      "mlflow": f"{redact_uri(tracking_uri)} (experiment {task.tracking.experiment})",
                       "dataset": task.dataset})
     return task
 
@@ -296,10 +303,13 @@ class SweepInputs:
     score_best: Callable[[object, dict[str, str]], BestTrialScores]
     dataset_version: str | None = None  # the version the stage resolved once and read: the one logged
     lead_set: str = ALL_LEADS  # the leads its windows keep
+    fraction_seed: int | None = None  # the seed of the training patients' draw; None at fraction 1 (all of them)
 
     @property
     def run_name(self) -> str:
-        return f"{self.method}-{self.task.name}-{self.spec.name}{lead_set_suffix(self.lead_set)}-f{self.fraction:g}"
+        draw = "" if self.fraction_seed is None else f"-s{self.fraction_seed}"
+        return (f"{self.method}-{self.task.name}-{self.spec.name}{lead_set_suffix(self.lead_set)}"
+                f"-f{self.fraction:g}{draw}")
 
 
 @contextmanager
@@ -327,7 +337,7 @@ def run_fitted(inputs: SweepInputs, fit: Callable[[], tuple[BestTrialScores, dic
         evaluation = evaluate_on_test(inputs.task, inputs.val, inputs.test, scores)
     return SweepResult(inputs.task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
                        context.parent_run_id, chosen, evaluation.val_macro_auroc, evaluation.metrics, n_fits, None,
-                       context.tags, evaluation.cross_domain, inputs.lead_set)
+                       context.tags, evaluation.cross_domain, inputs.lead_set, inputs.fraction_seed)
 
 
 def run_sweep(inputs: SweepInputs) -> SweepResult:
@@ -343,7 +353,7 @@ def run_sweep(inputs: SweepInputs) -> SweepResult:
         evaluation = evaluate_on_test(task, inputs.val, inputs.test, scores)
     return SweepResult(task.name, inputs.method, inputs.spec.name, inputs.fraction, context.parent_run_id,
                        best_run_id, best_config, evaluation.val_macro_auroc, evaluation.metrics, len(grid),
-                       scores.model_uri, context.tags, evaluation.cross_domain, inputs.lead_set)
+                       scores.model_uri, context.tags, evaluation.cross_domain, inputs.lead_set, inputs.fraction_seed)
 
 
 def _sweep_tags(inputs: SweepInputs, tracking_uri: str) -> dict[str, str]:
@@ -352,6 +362,7 @@ def _sweep_tags(inputs: SweepInputs, tracking_uri: str) -> dict[str, str]:
     return {
         tracking.TAG_TASK: task.name, tracking.TAG_METHOD: inputs.method,
         tracking.TAG_LABEL_FRACTION: f"{inputs.fraction:g}", tracking.TAG_LEAD_SET: inputs.lead_set,
+        tracking.TAG_LABEL_DRAW: "" if inputs.fraction_seed is None else str(inputs.fraction_seed),
         tracking.TAG_TRAIN_SOURCES: ",".join(task.sources_for("train") or ["*"]),
         tracking.TAG_TEST_SOURCES: ",".join(task.sources_for("test") or ["*"]),
         **tracking.encoder_provenance(inputs.spec, tracking_uri),
@@ -385,14 +396,14 @@ def print_results(results: list[SweepResult]) -> None:
         table.add_column(column)
     for r in results:
         m = r.test_metrics
-        table.add_row(r.method, r.encoder, r.lead_set, f"{r.label_fraction:g}", str(r.n_trials), f"{r.val_macro_auroc:.3f}",
+        table.add_row(r.method, r.encoder, r.lead_set, r.label_subset, str(r.n_trials), f"{r.val_macro_auroc:.3f}",
                       f"{m['macro_auroc']:.3f} [{m['macro_auroc_ci_low']:.3f}, {m['macro_auroc_ci_high']:.3f}]",
                       f"{m['macro_f1']:.3f}")
     console.print(table)
     print_cross_domain(results)
     for r in results:
         best = ", ".join(f"{k}={v:.3g}" for k, v in r.best_config.items())
-        console.print(f"{r.method} {r.encoder} ({r.lead_set} leads) @ {r.label_fraction:g}: best {best}; MLflow run {r.parent_run_id}"
+        console.print(f"{r.method} {r.encoder} ({r.lead_set} leads) @ {r.label_subset}: best {best}; MLflow run {r.parent_run_id}"
                       + (f"; model {r.model_uri}" if r.model_uri else ""))
 
 
@@ -415,7 +426,7 @@ def print_cross_domain(results: list[SweepResult]) -> None:
             cells = {row["class"]: row for row in rows.to_dict("records")}
             macro = cells[MACRO]
             change = f"{-macro['drop']:+.3f}" if np.isfinite(macro["drop"]) and macro["drop"] else ""
-            table.add_row(r.method, r.encoder, r.lead_set, f"{r.label_fraction:g}", f"{source} ({macro['domain']})",
+            table.add_row(r.method, r.encoder, r.lead_set, r.label_subset, f"{source} ({macro['domain']})",
                           str(int(macro["n_records"])),
                           f"{macro['auroc']:.3f} [{macro['ci_low']:.3f}, {macro['ci_high']:.3f}]", change,
                           *(_class_cell(cells[c]) for c in classes))

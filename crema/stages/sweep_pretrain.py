@@ -34,7 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 from crema import tracking
-from crema.config import ConfigError, PretrainConfig, PretrainSweepConfig, TaskConfig, load_yaml, parse_overrides
+from crema.config import (ConfigError, PretrainConfig, PretrainSweepConfig, TaskConfig, load_yaml, parse_overrides,
+                          redact_uri)
 from crema.data.catalog import read_windows
 from crema.evaluation.embeddings import embed_windows
 from crema.evaluation.probe import converged_probe_val_auroc
@@ -148,7 +149,7 @@ def run(config: str | Path, sweep_file: str | Path, overrides: dict | None = Non
     base = base.model_copy(update={"tracking": base.tracking.model_copy(update={"tracking_uri": tracking_uri})})
     planned = [Trial(t.index, t.settings, t.cfg.model_copy(update={"tracking": base.tracking})) for t in planned]
     announce_outputs({"trials": f"{base.storage_path}/{sweep.name}-NNN ({len(planned)} trials)",
-                      "mlflow": f"{tracking.redact_uri(tracking_uri)} (experiment {base.tracking.experiment}, "
+                      "mlflow": f"{redact_uri(tracking_uri)} (experiment {base.tracking.experiment}, "
                                 f"run {sweep.name})",
                       "dataset": base.data.dataset})
     # ASHA ends a lagging trial by killing it mid-training: the State API (the dashboard) is what lets Ray

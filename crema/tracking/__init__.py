@@ -21,12 +21,12 @@ use ``crema.tracking.<name>``:
 from crema.tracking.names import (TAG_KIND, KIND_SWEEP, KIND_TRIAL, KIND_PRETRAIN_SWEEP, KIND_DRIFT, TAG_ENCODER_PATH,
                                   TAG_ENCODER_ARTIFACT, TAG_ENCODER_RUN_ID, TAG_TASK, TAG_DATASET_VERSION,
                                   TAG_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING, TAG_METHOD, TAG_ENCODER,
-                                  TAG_ENCODER_INIT, TAG_LABEL_FRACTION, TAG_LEAD_SET, TAG_TRAIN_SOURCES,
+                                  TAG_ENCODER_INIT, TAG_LABEL_FRACTION, TAG_LABEL_DRAW, TAG_LEAD_SET, TAG_TRAIN_SOURCES,
                                   TAG_TEST_SOURCES, TAG_TRIAL_ID, TAG_BEST_TRIAL, TAG_STOPPED_EARLY, TAG_REPLACES_RUN,
                                   TAG_PARENT_RUN_ID, METRIC_VAL_AUROC, METRIC_BEST_VAL_AUROC, METRIC_EPOCH,
                                   METRIC_RESUMED_FROM_STEP, TEST_METRIC_PREFIX, SWEEP_GROUP, PRETRAIN_RUN,
                                   SWEEP_FILTER)
-from crema.tracking.server import (TrackingUnavailable, redact_uri, check_reachable, CREDENTIALS_FILE_ENV,
+from crema.tracking.server import (TrackingUnavailable, check_reachable, CREDENTIALS_FILE_ENV,
                                    apply_credentials_file, resolve_tracking_uri, default_artifact_location,
                                    ensure_experiment, experiment_page, browse_hint)
 from crema.tracking.runs import (SECRET_KEYS, redact, flatten_params, find_run, start_or_resume_run, log_new_params,
@@ -40,11 +40,11 @@ from crema.tracking.results import log_test_evaluation, log_cross_domain, log_dr
 
 __all__ = ["TAG_KIND", "KIND_SWEEP", "KIND_TRIAL", "KIND_PRETRAIN_SWEEP", "KIND_DRIFT", "TAG_ENCODER_PATH",
            "TAG_ENCODER_ARTIFACT", "TAG_ENCODER_RUN_ID", "TAG_TASK", "TAG_DATASET_VERSION", "TAG_EXPERIMENT_KIND",
-           "EXPERIMENT_KIND_TRAINING", "TAG_METHOD", "TAG_ENCODER", "TAG_ENCODER_INIT", "TAG_LABEL_FRACTION",
+           "EXPERIMENT_KIND_TRAINING", "TAG_METHOD", "TAG_ENCODER", "TAG_ENCODER_INIT", "TAG_LABEL_FRACTION", "TAG_LABEL_DRAW",
            "TAG_LEAD_SET", "TAG_TRAIN_SOURCES", "TAG_TEST_SOURCES", "TAG_TRIAL_ID", "TAG_BEST_TRIAL",
            "TAG_STOPPED_EARLY", "TAG_REPLACES_RUN", "TAG_PARENT_RUN_ID", "METRIC_VAL_AUROC", "METRIC_BEST_VAL_AUROC",
            "METRIC_EPOCH", "METRIC_RESUMED_FROM_STEP", "TEST_METRIC_PREFIX", "SWEEP_GROUP", "PRETRAIN_RUN",
-           "SWEEP_FILTER", "TrackingUnavailable", "redact_uri", "check_reachable", "CREDENTIALS_FILE_ENV",
+           "SWEEP_FILTER", "TrackingUnavailable", "check_reachable", "CREDENTIALS_FILE_ENV",
            "apply_credentials_file", "resolve_tracking_uri", "default_artifact_location", "ensure_experiment",
            "experiment_page", "browse_hint", "SECRET_KEYS", "redact", "flatten_params", "find_run",
            "start_or_resume_run", "log_new_params", "dataset_tags", "dataset_display_name", "log_dataset_input",

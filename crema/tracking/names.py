@@ -22,6 +22,7 @@ TAG_METHOD = "method"
 TAG_ENCODER = "encoder"
 TAG_ENCODER_INIT = "encoder_init"
 TAG_LABEL_FRACTION = "label_fraction"
+TAG_LABEL_DRAW = "label_draw"  # the seed of a label fraction's patient draw ("" at fraction 1: all patients)
 TAG_LEAD_SET = "lead_set"  # the leads a downstream model saw: all, limb6, I, ... (crema.evaluation.lead_sets)
 TAG_TRAIN_SOURCES = "train_sources"
 TAG_TEST_SOURCES = "test_sources"
@@ -38,7 +39,7 @@ METRIC_RESUMED_FROM_STEP = "resumed_from_step"
 TEST_METRIC_PREFIX = "test_"
 # What identifies a sweep in the comparison table: the latest finished sweep of each is reported. The
 # pretraining run of the encoder is part of it: two runs' encoders under one name are two rows.
-SWEEP_GROUP = [TAG_TASK, TAG_TRAIN_SOURCES, TAG_TEST_SOURCES, TAG_LEAD_SET, TAG_LABEL_FRACTION, TAG_METHOD,
-               TAG_ENCODER, TAG_ENCODER_RUN_ID]
+SWEEP_GROUP = [TAG_TASK, TAG_TRAIN_SOURCES, TAG_TEST_SOURCES, TAG_LEAD_SET, TAG_LABEL_FRACTION, TAG_LABEL_DRAW,
+               TAG_METHOD, TAG_ENCODER, TAG_ENCODER_RUN_ID]
 PRETRAIN_RUN = "pretrain_run"  # sweep_runs' column: the name of the encoder's pretraining run ("" for none)
 SWEEP_FILTER = f"tags.`{TAG_KIND}` = '{KIND_SWEEP}' and attributes.status = 'FINISHED'"

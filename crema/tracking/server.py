@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crema.config import ConfigError
+from crema.config import ConfigError, redact_uri
 from crema.tracking.names import EXPERIMENT_KIND_TRAINING, TAG_EXPERIMENT_KIND
 
 
 class TrackingUnavailable(ConfigError):
     """The tracking server does not answer: the job stops at once rather than after MLflow's retries."""
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without a password (``https://user:***@host``), for messages and logs."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from crema.stages.cli import app
 
 
-def sweep(client, experiment_id, *, encoder, run_id, task="t1", method="probe", auroc=0.8):
+def sweep(client, experiment_id, *, encoder, run_id, task="t1", method="probe", auroc=0.8, fraction="1", draw=""):
     tags = {"crema.kind": "sweep", "task": task, "method": method, "encoder": encoder, "encoder_init": "pretrained",
-            "label_fraction": "1", "train_sources": "*", "test_sources": "*"}
+            "label_fraction": fraction, "label_draw": draw, "train_sources": "*", "test_sources": "*"}
     if run_id:
         tags["encoder_run_id"] = run_id
     run = client.create_run(experiment_id, tags=tags)
@@ -53,4 +53,21 @@ def test_rows_by_pretraining_run_filters_and_formats(tmp_path):
 
     result = runner.invoke(app, ["compare", "--tracking-uri", uri, "--format", "xml"])
     assert result.exit_code == 2 and "unknown format" in result.output
+    mlflow.set_tracking_uri(None)
+
+
+def test_the_draws_of_a_label_fraction_share_one_cell_mean_and_spread(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    down = client.create_experiment("crema-downstream")
+    for draw, auroc in (("0", 0.70), ("1", 0.74), ("2", 0.72)):
+        sweep(client, down, encoder="random_init", run_id=None, fraction="0.01", draw=draw, auroc=auroc)
+    sweep(client, down, encoder="random_init", run_id=None, fraction="0.1", draw="0", auroc=0.75)
+    sweep(client, down, encoder="random_init", run_id=None, auroc=0.8)
+
+    result = CliRunner().invoke(app, ["compare", "--tracking-uri", uri, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["t1 @ 0.01"] == "0.720 ± 0.020 (3 draws)"  # sd with n - 1: the three draws' spread
+    assert row["t1 @ 0.1"] == "0.750" and row["t1"] == "0.800"  # one draw, one sweep: the cell as it is
     mlflow.set_tracking_uri(None)

@@ -13,7 +13,9 @@ from crema.stages import common
 
 
 def test_commit_from_the_environment_and_ray_job_id(monkeypatch):
-    monkeypatch.setattr(common, "dataset_tags", lambda dataset, options, version=None: {"dataset": dataset})
+    from crema import tracking
+
+    monkeypatch.setattr(tracking, "dataset_tags", lambda dataset, options, version=None: {"dataset": dataset})
     monkeypatch.setattr(common, "git_commit", lambda: None)  # an image: no .git
     monkeypatch.setenv("CREMA_GIT_COMMIT", "0123abcd")
     monkeypatch.setenv("RAY_JOB_ID", "05000000")

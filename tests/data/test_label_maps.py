@@ -169,9 +169,10 @@ def test_ludb_csv_reads_as_it_is_and_the_map_covers_every_statement(ludb_root, m
 
 # ------------------------------------------------------------------------------------------ ingest
 
-def some_ludb_records(tmp_path: Path, ids: list[str]) -> str:
+def some_ludb_records(tmp_path: Path, ids: list[str], as_uri: bool = False) -> str:
+    """A RECORDS file outside the source folder, by its absolute path or as a file:// URI."""
     (tmp_path / "RECORDS").write_text("\n".join(ids) + "\n")
-    return f"file://{tmp_path / 'RECORDS'}"  # a URI: a records file may lie outside the source folder
+    return f"file://{tmp_path / 'RECORDS'}" if as_uri else str(tmp_path / "RECORDS")
 
 
 def labels_of(out: Path) -> dict:
@@ -201,7 +202,8 @@ def test_unmapped_ludb_statements_are_counted_and_listed_never_stored(ludb_root,
     full = load_yaml("configs/label_maps/ludb.yaml", LabelMap)
     partial = full.model_copy(update={"rules": [r for r in full.rules if "hypertrophy" not in (r.regex or "")]})
     ids = ["1", "2", "5"]  # LVH in 1 and 2, left atrial hypertrophy in 2 and 5
-    source = ludb_source(ludb_root, monkeypatch, records=some_ludb_records(tmp_path, ids), label_maps=[partial])
+    source = ludb_source(ludb_root, monkeypatch, records=some_ludb_records(tmp_path, ids, as_uri=True),
+                         label_maps=[partial])
     summary = run_ingest([source], str(tmp_path / "ds"), IngestConfig(), pseudonym=KEY)
     s = summary.sources[0]
     assert s.unmapped_labels == Counter({"Left ventricular hypertrophy": 2, "Left atrial hypertrophy": 2,

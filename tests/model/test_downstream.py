@@ -277,6 +277,20 @@ def test_label_fraction_keeps_whole_patients(dataset):
     assert set(record_keys(small)) < set(record_keys(large))
 
 
+def test_each_label_fraction_below_one_is_swept_once_per_patient_draw(dataset):
+    task = load_task(TASK_FILE, {"dataset": str(dataset), "output": "unused", "label_fractions": [0.1, 1.0],
+                                 "fraction_seeds": [0, 1, 2], "encoders": [{"name": "r", "init": "random", "model": TINY}]})
+    assert task.label_subsets() == [(0.1, 0), (0.1, 1), (0.1, 2), (1.0, None)]  # all patients: nothing to draw
+    train = split_roles(read_windows(str(dataset), columns=META_COLUMNS), task)["train"]
+    draws = [frozenset(label_fraction_subset(train, 0.1, seed)["patient_key"].to_pylist()) for seed in (0, 1, 2)]
+    assert len(set(draws)) == 3 and len({len(d) for d in draws}) == 1  # three different draws of one size
+    with pytest.raises(ValueError, match="seed of its patient draw"):
+        label_fraction_subset(train, 0.1, None)
+    with pytest.raises(ConfigError, match="fraction seeds"):
+        load_task(TASK_FILE, {"dataset": str(dataset), "output": "unused", "fraction_seeds": [1, 1],
+                              "encoders": [{"name": "r", "init": "random", "model": TINY}]})
+
+
 def test_cross_hospital_trains_on_one_source_and_tests_on_another(probe_results, dataset, workdir, tracking_uri,
                                                                   pretrained):
     with pytest.raises(ConfigError, match="overlap"):

@@ -166,7 +166,9 @@ class Reader(ABC):
         """Record ids from the source's `records` file (RECORDS or a CSV with a `record` column)."""
         if not self.source.records:
             return None
-        path = self.path_of(self.source.records) if "://" not in self.source.records else self.source.records
+        # The source's config is trusted, unlike a header's file names: the list may lie outside the source
+        # folder (an absolute path or a URI), relative paths resolve against it.
+        path = self.source.resolve(self.source.records)
         with fsspec.open(path, "rt", **self.source.storage_options) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
         if self.source.records.endswith(".csv"):
