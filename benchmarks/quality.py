@@ -1,6 +1,7 @@
 """Model quality on real PTB-XL: does CR-MAE pretraining beat the hand-made feature floor and a random encoder?
 
     python -m benchmarks.quality [--steps 400] [--seeds 3] [--records 1999] [--arms ...] [--model KEY=VALUE ...]
+                                 [--encoder NAME=PATH ...] [--fractions 0.01 0.1 1] [--draws 3]
                                  [--out benchmarks-output/quality]
 
 Data: the shared ``ptbxl/records100`` (1,999 records, 100 Hz, one 10-s window each), read by the product's
@@ -13,9 +14,15 @@ convergence, C chosen on fold 9: :func:`crema.evaluation.probe.fit_converged_pro
   - features: nine amplitude and band-power features per lead (the floor a foundation model has to beat);
   - random_init: the same architecture, untrained, per seed;
   - mae: CR-MAE with lambda = 0, ``--steps`` optimiser steps per seed;
-  - crema: CR-MAE, the same steps and batches per seed.
+  - crema: CR-MAE, the same steps and batches per seed;
+  - NAME (``--encoder NAME=PATH``): an encoder the product pretrained (``crema pretrain`` writes
+    ``<storage>/<run>/encoder.safetensors``), conditioned as its artifact says; nothing is pretrained for it.
 The table (mean over seeds, the seed spread, the CI of each seed) is printed and logged to MLflow with the
 reconstruction-loss curves against the predict-the-mean line and the AUROC-vs-steps learning curve.
+
+Label efficiency (``--fractions``): every arm's probe is also fitted on a fraction of the training patients
+(whole patients, ``--draws`` different draws below 1, :func:`crema.evaluation.metrics.sample_label_fraction`),
+C still chosen on all of fold 9, and scored on fold 10: the mean and spread over seeds x draws, and the mean CI.
 """
 
 from __future__ import annotations
@@ -42,10 +49,11 @@ from crema.data.readers import reader_for  # noqa: E402
 from crema.data.signals import N_LEADS, NormaliseOptions, to_canonical  # noqa: E402
 from crema.evaluation.bootstrap import bootstrap_ci  # noqa: E402
 from crema.evaluation.features import hand_made_features  # noqa: E402
-from crema.evaluation.metrics import macro_auroc, macro_metric, per_class_auroc_weighted  # noqa: E402
+from crema.evaluation.metrics import macro_auroc, macro_metric, per_class_auroc_weighted, sample_label_fraction  # noqa: E402
 from crema.evaluation.probe import fit_converged_probe  # noqa: E402
 from crema.model.network import CREMA, SiTEncoder  # noqa: E402
 from crema.tracking import ensure_experiment, experiment_page  # noqa: E402
+from crema.train.artifacts import load_encoder  # noqa: E402
 from crema.train.engine_pretrain import train_one_epoch  # noqa: E402
 from crema.train.optim import param_groups, warmup_cosine  # noqa: E402
 
@@ -67,12 +75,28 @@ class Corpus:
 @dataclass
 class Arm:
     name: str
-    seed: int
+    seed: int | None  # None: an encoder pretrained elsewhere (--encoder), its seed unknown here
     test_auroc: tuple[float, float, float]  # point, low, high
     val_auroc: float
     C: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val macro AUROC): fold 9, not the test
     losses: list[float] = field(default_factory=list)  # training recon loss per step
+    z: np.ndarray | None = None  # the final embeddings (or features) of every record: the label-efficiency probes'
+    path: str | None = None  # of an encoder pretrained elsewhere
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} seed {self.seed}" if self.path is None else f"{self.name} ({self.path})"
+
+
+@dataclass
+class FractionScore:
+    arm: str
+    run: str  # which of the arm's encoders (Arm.label): a seed, or an artifact's path
+    fraction: float
+    draw: int  # the seed of the patient draw (0 at fraction 1: all patients)
+    test_auroc: tuple[float, float, float]  # point, low, high
+    val_auroc: float
 
 
 def load_corpus(shared: Path, n_records: int) -> Corpus:
@@ -92,16 +116,19 @@ def load_corpus(shared: Path, n_records: int) -> Corpus:
     return Corpus(np.stack(raw), np.array(y, dtype=np.int64), np.array(patients), np.array(split))
 
 
-def fit_probe(corpus: Corpus, z: np.ndarray):
-    """The converged probe on the train split's embeddings/features `z`, C chosen on the val split."""
-    rows = {s: corpus.split == s for s in ("train", "val")}
-    return fit_converged_probe(z[rows["train"]], corpus.y[rows["train"]], z[rows["val"]], corpus.y[rows["val"]],
+def fit_probe(corpus: Corpus, z: np.ndarray, train: np.ndarray | None = None):
+    """The converged probe on the train split's embeddings/features `z` (or the `train` rows of it), C chosen on
+    the val split."""
+    train = corpus.split == "train" if train is None else train
+    val = corpus.split == "val"
+    return fit_converged_probe(z[train], corpus.y[train], z[val], corpus.y[val],
                                score=lambda y, p: macro_auroc(y, p).value)
 
 
-def score(corpus: Corpus, z: np.ndarray) -> tuple[tuple[float, float, float], float, float]:
+def score(corpus: Corpus, z: np.ndarray, train: np.ndarray | None = None
+          ) -> tuple[tuple[float, float, float], float, float]:
     """(test AUROC with CI, val AUROC, C) of the converged probe on embeddings/features `z`."""
-    probe = fit_probe(corpus, z)
+    probe = fit_probe(corpus, z, train)
     test = corpus.split == "test"
     ci = bootstrap_ci(macro_metric(per_class_auroc_weighted, range(len(CLASSES))), corpus.y[test],
                       probe.predict(z[test]), corpus.patients[test], n_boot=1000)
@@ -143,13 +170,48 @@ def pretrain(name: str, cfg: ModelConfig, corpus: Corpus, x: torch.Tensor, seed:
             arm.curve.append((done, val))
             print(f"  {name} seed {seed} step {done}: recon {np.mean(arm.losses[-20:]):.3f}, val macro AUROC "
                   f"{val:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    arm.test_auroc, arm.val_auroc, arm.C = score(corpus, embed(model.encoder, x))
+    arm.z = embed(model.encoder, x)
+    arm.test_auroc, arm.val_auroc, arm.C = score(corpus, arm.z)
     arm.curve.append((done, arm.val_auroc))
     test = arm.test_auroc
     print(f"  {name} seed {seed} step {done}: recon {np.mean(arm.losses[-20:]):.3f}, val {arm.val_auroc:.3f}, "
           f"test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}] ({time.perf_counter() - started:.0f} s)",
           flush=True)
     return arm
+
+
+def label_efficiency(corpus: Corpus, arms: list[Arm], fractions: list[float], draws: int) -> list[FractionScore]:
+    """Every arm's probe on `fractions` of the training patients, `draws` patient draws below 1."""
+    train = np.flatnonzero(corpus.split == "train")
+    scores = []
+    for arm in arms:
+        for fraction in fractions:
+            if fraction == 1.0:
+                scores.append(FractionScore(arm.name, arm.label, 1.0, 0, arm.test_auroc, arm.val_auroc))
+                continue
+            for draw in range(draws):
+                rows = np.zeros(len(corpus.split), dtype=bool)
+                rows[sample_label_fraction(train, corpus.patients[train], fraction, seed=draw)] = True
+                test, val, _ = score(corpus, arm.z, rows)
+                scores.append(FractionScore(arm.name, arm.label, fraction, draw, test, val))
+                print(f"  {arm.label} @ {fraction:g} draw {draw} ({rows.sum()} records): test macro "
+                      f"AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], val {val:.3f}", flush=True)
+    return scores
+
+
+def fraction_summary(scores: list[FractionScore]) -> list[dict]:
+    rows = []
+    for arm, fraction in dict.fromkeys((s.arm, s.fraction) for s in scores):
+        mine = [s for s in scores if (s.arm, s.fraction) == (arm, fraction)]
+        points = np.array([s.test_auroc[0] for s in mine])
+        rows.append({"arm": arm, "fraction": fraction, "probes": len(mine),
+                     "encoders": len({s.run for s in mine}), "draws": len({s.draw for s in mine}),
+                     "test_macro_auroc": float(points.mean()),
+                     "sd": float(points.std(ddof=1)) if len(mine) > 1 else 0.0,
+                     "ci_low": float(np.mean([s.test_auroc[1] for s in mine])),
+                     "ci_high": float(np.mean([s.test_auroc[2] for s in mine])),
+                     "val_macro_auroc": float(np.mean([s.val_auroc for s in mine]))})
+    return rows
 
 
 def summary(arms: list[Arm]) -> list[dict]:
@@ -197,8 +259,16 @@ def main() -> None:
                         help="settings of the crema arm only, e.g. temperature=0.2 augment=false")
     parser.add_argument("--input", nargs="*", default=[], metavar="KEY=VALUE",
                         help="input conditioning settings, e.g. scale=fixed highpass_hz=null (crema.config.InputConditioning)")
+    parser.add_argument("--encoder", nargs="*", default=[], metavar="NAME=PATH",
+                        help="an arm per encoder the product pretrained, e.g. crema=output/runs/crema-cpu/encoder.safetensors")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[1.0],
+                        help="label fractions of the training patients to probe at, e.g. 0.01 0.1 1")
+    parser.add_argument("--draws", type=int, default=3, help="patient draws at each fraction below 1")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks-output" / "quality")
     args = parser.parse_args()
+    if any(not 0 < f <= 1 for f in args.fractions):
+        parser.error(f"fractions must be in (0, 1], got {args.fractions}")
+    pretrained = [tuple(item.split("=", 1)) for item in args.encoder]  # a name given twice: two seeds of one arm
     shared = Path(os.environ.get("CREMA_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not (shared / "ptbxl" / "records100").is_dir():
         raise SystemExit(f"no PTB-XL records100 under {shared} (set CREMA_SHARED_DATA)")
@@ -216,14 +286,24 @@ def main() -> None:
 
     arms = []
     if "features" in args.arms:
-        test, val, c = score(corpus, hand_made_features(corpus.raw, FS))
-        arms.append(Arm("features", 0, test, val, c))
+        z = hand_made_features(corpus.raw, FS)
+        test, val, c = score(corpus, z)
+        arms.append(Arm("features", 0, test, val, c, z=z))
         print(f"  features: test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}]", flush=True)
     for seed in range(args.seeds if "random_init" in args.arms else 0):
         torch.manual_seed(seed)
-        test, val, c = score(corpus, embed(CREMA(base).encoder, x))
-        arms.append(Arm("random_init", seed, test, val, c))
+        z = embed(CREMA(base).encoder, x)
+        test, val, c = score(corpus, z)
+        arms.append(Arm("random_init", seed, test, val, c, z=z))
         print(f"  random_init seed {seed}: test macro AUROC {test[0]:.3f}", flush=True)
+    for name, path in pretrained:
+        encoder = load_encoder(path)
+        conditioned = condition(corpus.raw, np.ones(corpus.raw.shape[:2], dtype=bool), FS, encoder.cfg.input)
+        z = embed(encoder, torch.from_numpy(conditioned))
+        test, val, c = score(corpus, z)
+        arms.append(Arm(name, None, test, val, c, z=z, path=path))
+        print(f"  {arms[-1].label}: test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], val {val:.3f}",
+              flush=True)
     crema_weight = base.contrastive_weight if args.contrastive_weight is None else args.contrastive_weight
     for name, update in (("mae", {"contrastive_weight": 0.0}),
                          ("crema", {"contrastive_weight": crema_weight, **settings(args.crema)})):
@@ -245,6 +325,16 @@ def main() -> None:
     for arm in arms:
         if arm.curve:
             print(f"  {arm.name:<6} seed {arm.seed}: " + ", ".join(f"{s}: {a:.3f}" for s, a in arm.curve))
+    fraction_rows = []
+    if args.fractions != [1.0]:
+        fraction_rows = fraction_summary(label_efficiency(corpus, arms, args.fractions, args.draws))
+        print(f"\nlabel efficiency: the converged probe on a fraction of the training patients (folds 1-8), C chosen "
+              f"on fold 9, test fold 10; mean ± sd over the arm's encoders x {args.draws} patient draws, mean 95% CI")
+        print(f"{'arm':<12} {'fraction':>8} {'probes':>6} {'test macro AUROC':>17} {'sd':>6} {'mean 95% CI':>18} "
+              f"{'val':>7}")
+        for r in fraction_rows:
+            print(f"{r['arm']:<12} {r['fraction']:>8g} {r['probes']:>6} {r['test_macro_auroc']:>17.3f} {r['sd']:>6.3f} "
+                  f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['val_macro_auroc']:>7.3f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(f"sqlite:///{args.out / 'mlflow.db'}")
@@ -255,6 +345,10 @@ def main() -> None:
         for r in rows:
             mlflow.log_metrics({f"{r['arm']}_{k}": v for k, v in r.items() if isinstance(v, float)})
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "quality_table.json")
+        if fraction_rows:
+            mlflow.log_table({k: [r[k] for r in fraction_rows] for k in fraction_rows[0]}, "label_efficiency.json")
+            mlflow.log_metrics({f"{r['arm']}_f{r['fraction']:g}_test_macro_auroc": r["test_macro_auroc"]
+                                for r in fraction_rows})
         mlflow.log_figure(loss_figure(arms), "reconstruction_loss.png")
         for arm in arms:
             for step, auroc in arm.curve:
