@@ -81,7 +81,7 @@ class Arm:
     C: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val macro AUROC): fold 9, not the test
     losses: list[float] = field(default_factory=list)  # training recon loss per step
-    z: np.ndarray | None = None  # the final embeddings (or features) of every record: the label-efficiency probes'
+    z: np.ndarray | None = None  # the final embeddings (or features) of every record: the label-efficiency probes fit on them
     path: str | None = None  # of an encoder pretrained elsewhere
 
     @property
@@ -259,7 +259,7 @@ def main() -> None:
                         help="settings of the crema arm only, e.g. temperature=0.2 augment=false")
     parser.add_argument("--input", nargs="*", default=[], metavar="KEY=VALUE",
                         help="input conditioning settings, e.g. scale=fixed highpass_hz=null (crema.config.InputConditioning)")
-    parser.add_argument("--encoder", nargs="*", default=[], metavar="NAME=PATH",
+    parser.add_argument("--encoder", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                         help="an arm per encoder the product pretrained, e.g. crema=output/runs/crema-cpu/encoder.safetensors")
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0],
                         help="label fractions of the training patients to probe at, e.g. 0.01 0.1 1")
@@ -268,6 +268,8 @@ def main() -> None:
     args = parser.parse_args()
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error(f"fractions must be in (0, 1], got {args.fractions}")
+    if any("=" not in item for item in args.encoder):
+        parser.error(f"--encoder takes NAME=PATH, got {args.encoder}")
     pretrained = [tuple(item.split("=", 1)) for item in args.encoder]  # a name given twice: two seeds of one arm
     shared = Path(os.environ.get("CREMA_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not (shared / "ptbxl" / "records100").is_dir():
