@@ -2,7 +2,9 @@
 
 :func:`write_reports` writes ``OUTPUT/reports/<source>.md`` and ``.png`` with every ingest, from the
 committed manifest (status and reasons, lead availability, amplitude and noise per lead, durations,
-sampling rates) and the windows' labels. :func:`check_source` (``crema sources check SOURCE.yaml``) reads a
+sampling rates) and the windows' labels; later measurements of the source (``crema drift``) add sections of
+their own with :func:`write_report_section`, until the next ingest of the source writes a fresh report.
+:func:`check_source` (``crema sources check SOURCE.yaml``) reads a
 few records without writing any dataset, and draws each as a 12-lead PNG for a visual check.
 """
 
@@ -137,6 +139,30 @@ def write_reports(uri: str, sources: list[str], manifest: pa.Table, windows: pa.
         plt.close(fig)
         written += [f"{folder}/{source}.md", f"{folder}/{source}.png"]
     return written
+
+
+def with_section(report: str, key: str, section: str) -> str:
+    """`report` with `section` between the markers of `key`: in place of the one an earlier run put there, else
+    appended. The markers are HTML comments, which Markdown viewers do not show."""
+    start, end = f"<!-- crema section: {key} -->", f"<!-- end of crema section: {key} -->"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
+    head, found, rest = report.partition(start)
+    if found and end in rest:
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        return head + block + ("\n" + tail if tail else "")
+    return report.rstrip("\n") + "\n\n" + block
+
+
+def write_report_section(uri: str, source: str, key: str, section: str,
+                         storage_options: dict | None = None) -> str | None:
+    """Put `section` (Markdown) into OUTPUT/reports/<source>.md as :func:`with_section` does; the report's path,
+    or None where the dataset holds no report of the source (a dataset written before reports)."""
+    fs, root = url_to_fs(uri, **(storage_options or {}))
+    path = f"{root.rstrip('/')}/reports/{source}.md"
+    if not fs.exists(path):
+        return None
+    fs.pipe(path, with_section(fs.cat(path).decode(), key, section).encode())
+    return path
 
 
 @dataclass

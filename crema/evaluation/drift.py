@@ -130,7 +130,7 @@ def measure_drift(reference: Side, source: Side, *, n_permutations: int = 1000, 
                        mmd2, p_value, n_permutations)
 
 
-def embedding_map(reference: Side, source: Side, report: DriftReport) -> Figure:
+def embedding_map(reference: Side, source: Side, report: DriftReport, lead_set: str = "all") -> Figure:
     """Both sides on the first two principal components of the pooled, standardised embeddings."""
     z, y, _ = _pooled(reference, source)
     pca = PCA(n_components=2, random_state=0).fit(z)
@@ -143,8 +143,8 @@ def embedding_map(reference: Side, source: Side, report: DriftReport) -> Figure:
     ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of the variance)")
     ax.set_ylabel(f"PC 2 ({ratio[1]:.0%})")
     a = report.domain_auroc
-    ax.set_title(f"domain AUROC {a.point:.2f} [{a.low:.2f}, {a.high:.2f}], MMD² {report.mmd2:.3f} "
-                 f"(p = {report.mmd_p_value:.3f})", fontsize=9)
+    ax.set_title(f"leads {lead_set}: domain AUROC {a.point:.2f} [{a.low:.2f}, {a.high:.2f}], "
+                 f"MMD² {report.mmd2:.3f} (p = {report.mmd_p_value:.3f})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -15,6 +15,7 @@ from crema.data.catalog import read_manifest, read_windows
 from crema.data.schema import decode_masks
 from crema.data.signals import LEADS, NormaliseOptions, RawRecord, RecordRejected, to_canonical
 from crema.data.ingest import run_ingest
+from crema.data.report import with_section, write_report_section
 
 KEY = b"test-pseudonym-key"
 V2 = LEADS.index("V2")
@@ -120,3 +121,19 @@ def test_report_per_source_and_sources_check(ptbxl_root, tmp_path):
     assert "00001_hr" in result.stdout and "all leads ok" in result.stdout and "rejected  bad_header" in result.stdout
     assert len(list((tmp_path / "check").glob("*.png"))) == 3
     assert not (tmp_path / "check" / "ds").exists()
+
+
+def test_a_later_measurement_joins_the_report_as_its_own_section_and_replaces_its_earlier_one(tmp_path):
+    (tmp_path / "reports").mkdir()
+    path = tmp_path / "reports/h.md"
+    path.write_text("# Data quality: h\n\n## Labels\n\n3 records labelled.\n")
+    assert write_report_section(str(tmp_path), "h", "drift a", "## Drift A\n\nfirst") == str(path)
+    write_report_section(str(tmp_path), "h", "drift b", "## Drift B\n\nother")
+    write_report_section(str(tmp_path), "h", "drift a", "## Drift A\n\nsecond")
+    report = path.read_text()
+    assert report.startswith("# Data quality: h\n\n## Labels\n\n3 records labelled.\n")
+    assert "second" in report and "first" not in report and report.count("## Drift A") == 1
+    assert report.index("## Drift A") < report.index("## Drift B")  # replaced in place, not moved to the end
+    assert with_section(report, "drift a", "## Drift A\n\nsecond") == report  # a rerun changes nothing
+    assert write_report_section(str(tmp_path), "nowhere", "drift a", "## Drift A") is None
+    assert not (tmp_path / "reports/nowhere.md").exists()

@@ -117,21 +117,35 @@ def test_drift_tells_ludb_from_ptbxl_and_not_ptbxl_fold_10_from_folds_1_to_8(dat
     """LUDB's gains are normalised per lead (not clinical mV) and its hospital is another: a shift. PTB-XL's
     folds are one hospital split at random by patient: none."""
     tracking_uri = f"sqlite:///{workdir}/drift.db"
-    ludb = drift.run(str(dataset), drift.FEATURES, "ptbxl", "ludb", n_permutations=500, n_boot=300,
-                     tracking_uri=tracking_uri)
-    folds = drift.run(str(dataset), drift.FEATURES, "ptbxl:train", "ptbxl:test", n_permutations=500, n_boot=300,
-                      tracking_uri=tracking_uri)
+    ludb, ludb_lead_one = drift.run(str(dataset), drift.FEATURES, "ptbxl", "ludb", lead_sets=["all", "I"],
+                                    n_permutations=500, n_boot=300, tracking_uri=tracking_uri)
+    folds, = drift.run(str(dataset), drift.FEATURES, "ptbxl:train", "ptbxl:test", n_permutations=500, n_boot=300,
+                       tracking_uri=tracking_uri)
     assert ludb.report.shifted and ludb.report.domain_auroc.low > 0.8 and ludb.report.mmd_p_value < 0.01
     assert not folds.report.shifted and folds.report.domain_auroc.low < 0.5 < folds.report.domain_auroc.high
     assert folds.report.mmd_p_value > 0.05
     # one record per patient: LUDB's 200 patients, PTB-XL fold 10's
-    assert ludb.report.n_source == 200
+    assert ludb.report.n_source == ludb_lead_one.report.n_source == 200
     assert folds.report.n_source == len(set(read_windows(str(dataset), columns=["patient_key"], filter=(
         pc.field("source") == "ptbxl") & (pc.field("split") == "test"))["patient_key"].to_pylist()))
-    run = MlflowClient(tracking_uri).get_run(ludb.run_id)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(ludb.run_id)
     assert run.data.metrics["domain_auroc"] == pytest.approx(ludb.report.domain_auroc.point)
     assert run.data.params["source"] == "ludb" and run.data.tags["crema.kind"] == "drift"
-    assert {a.path for a in MlflowClient(tracking_uri).list_artifacts(ludb.run_id)} == {"drift_map.png", "drift.json"}
+    assert {a.path for a in client.list_artifacts(ludb.run_id)} == {"drift_map.png", "drift.json"}
+    # lead I alone: its own run, measured on other numbers than all twelve leads
+    lead_one_run = client.get_run(ludb_lead_one.run_id)
+    assert (lead_one_run.data.tags["lead_set"], run.data.tags["lead_set"]) == ("I", "all")
+    assert lead_one_run.data.metrics["mmd2"] == pytest.approx(ludb_lead_one.report.mmd2)
+    assert ludb_lead_one.report.mmd2 != pytest.approx(ludb.report.mmd2, rel=1e-3)
+    # the table joins LUDB's data-quality report, once per (source, reference, encoder), one row per lead set
+    report = (dataset / "reports/ludb.md").read_text()
+    assert report.startswith("# Data quality: ludb") and report.count("## Drift of ludb from ptbxl") == 1
+    for result in (ludb, ludb_lead_one):
+        a = result.report.domain_auroc
+        assert f"| {result.lead_set} | {result.report.n_reference} | 200 | {a.point:.3f} [{a.low:.3f}, {a.high:.3f}]" \
+            in report and result.run_id in report
+    assert "## Drift of ptbxl:test from ptbxl:train" in (dataset / "reports/ptbxl.md").read_text()
 
 
 @pytest.mark.slow
@@ -147,6 +161,9 @@ def test_drift_command_embeds_with_an_encoder_artifact_and_refuses_an_unknown_so
     assert "domain classifier AUROC" in done.stdout and "verdict" in done.stdout
     refused = subprocess.run([*command, "--source", "nowhere"], env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "['nowhere'] are not in" in refused.stdout
+    refused = subprocess.run([*command, "--source", "ludb", "--lead-set", "I", "--lead-set", "V7"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "lead set 'V7'" in refused.stdout
 
 
 @pytest.mark.slow
