@@ -3,7 +3,7 @@
 Pretrains CR-MAE with the shipped CPU recipe (configs/pretrain/cpu.yaml) for a few epochs, then probes it
 against the two baselines it must beat: a random-init encoder of the same architecture and the feature floor
 (nine hand-made features per lead), and says in one line whether it did, beyond the confidence intervals.
-`--full` also pretrains the MAE-only ablation (λ = 0) and runs the recipe's whole budget (over half an hour).
+`--full` also pretrains the MAE-only ablation (λ = 0) and runs the recipe's whole budget (about an hour).
 
     python -m crema.stages.demo --workdir demo-output [--full]   (also `crema demo`, `make demo`)
 
@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_KEY = "crema-demo-key-not-secret"
 DEMO_FS = 100  # the CPU recipe's rate: 10-s windows of 1,000 samples
 RECIPE = PACKAGED_CONFIGS / "pretrain/cpu.yaml"
-# 6 of the recipe's 20 epochs: 276 steps of 32 of PTB-XL's 1,470 training windows, about 6.5 minutes on 2 cores
-# (8 epochs made the whole demo 11.4 minutes); --full runs all 20 and the MAE-only ablation.
+# 6 of the recipe's 60 epochs: 276 steps of 32 of PTB-XL's 1,470 training windows, about 6.5 minutes on 2 cores
+# (8 epochs made the whole demo 11.4 minutes); --full runs all 60 and the MAE-only ablation.
 QUICK_EPOCHS = 6
 console = Console()
 
@@ -162,8 +162,8 @@ def run(workdir: Path, full: bool = False) -> list[SweepResult]:
 def main(workdir: Annotated[Path, typer.Option(help="Where the demo writes data, runs and mlflow.db")]
          = Path("demo-output"),
          full: Annotated[bool, typer.Option("--full", help="The recipe's whole budget and the MAE-only ablation "
-                                                          "(over half an hour on 2 cores)")] = False) -> None:
-    """Run ingest → pretrain → probe end to end on local data (CPU, under 10 minutes; --full: over half an hour)."""
+                                                          "(about an hour on 2 cores)")] = False) -> None:
+    """Run ingest → pretrain → probe end to end on local data (CPU, under 10 minutes; --full: about an hour)."""
     run(workdir, full)
 
 

@@ -133,7 +133,8 @@ def run(dataset: str, encoder: str, reference: str, source: str, *, lead_sets: S
         embedded_sides = []
         for side in sides:
             leads = "" if lead_set == ALL_LEADS else f", leads {lead_set}"
-            console.print(f"embedding {side.name} ({'the feature floor' if blob is None else encoder}{leads})")
+            console.print(f"embedding {side.name} ({'the feature floor' if blob is None else encoder}{leads})",
+                          soft_wrap=True)
             table = side_embeddings(dataset, options, side, blob, version, EmbedSettings(), lead_set)
             embedded_sides.append(Side.from_windows(side.name, record_keys(table),
                                                     table["patient_key"].to_numpy(zero_copy_only=False),
@@ -151,7 +152,7 @@ def run(dataset: str, encoder: str, reference: str, source: str, *, lead_sets: S
     written = write_report_section(dataset, sides[1].source, f"drift {sides[1].name} from {sides[0].name} {encoder}",
                                    report_section(results, encoder, uri), options)
     if written:
-        console.print(f"the table joins the data-quality report {written}")
+        console.print(f"the table joins the data-quality report {written}", soft_wrap=True)
     return results
 
 
