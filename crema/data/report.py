@@ -33,7 +33,8 @@ from crema.data.signals import LEADS, RecordRejected, to_canonical  # noqa: E402
 QUALITY_CODES = ("ok", "derived", "missing", "flat", "saturated", "duplicate")
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table: the reports' and the sections' (crema drift) one layout."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -54,9 +55,9 @@ def source_report(source: str, manifest: pa.Table, labels: list[list[str]], vers
     parts = [f"# Data quality: {source}", "",
              f"Dataset version {version or '-'}; {len(rows)} records discovered, {sum(ok['n_windows'].to_pylist())} windows.",
              "", "## Records by status", "",
-             _table(["status", "records"], [[s, status.get(s, 0)] for s in ("ok", "rejected", "duplicate")]), ""]
+             markdown_table(["status", "records"], [[s, status.get(s, 0)] for s in ("ok", "rejected", "duplicate")]), ""]
     if reasons:
-        parts += ["## Reject reasons", "", _table(["reason", "records"], reasons.most_common()), ""]
+        parts += ["## Reject reasons", "", markdown_table(["reason", "records"], reasons.most_common()), ""]
     copies = [(r, s_, twin_of(d), JOINED_DETAIL in (d or "")) for r, s_, d in
               zip(rows["record_id"].to_pylist(), rows["status"].to_pylist(), rows["detail"].to_pylist())
               if twin_of(d) is not None]
@@ -67,15 +68,15 @@ def source_report(source: str, manifest: pa.Table, labels: list[list[str]], vers
                   f"{len(copies)} records hold the same signal as an earlier record: {len(cross)} of another "
                   f"source's, {len(copies) - len(cross)} of this source's; {kept} kept (drop_duplicates off: a "
                   f"kept copy's patient takes its twin's patient key and split), {len(copies) - kept} dropped.", "",
-                  _table(["record", "status", "same signal as", "patient joined"],
+                  markdown_table(["record", "status", "same signal as", "patient joined"],
                          [[r, st, twin, "yes" if joined else "-"] for r, st, twin, joined in copies[:20]]), ""]
     flags = Counter(f for value in ok["flags"].to_pylist() if value for f in value.split(","))
     if flags:
-        parts += ["## Flags", "", _table(["flag", "records"], flags.most_common()), ""]
+        parts += ["## Flags", "", markdown_table(["flag", "records"], flags.most_common()), ""]
     quality = ok["lead_quality"].to_pylist()
     availability = [[lead] + [sum(1 for q in quality if q and q[k] == code) for code in QUALITY_CODES]
                     for k, lead in enumerate(LEADS)]
-    parts += ["## Lead availability (ok records)", "", _table(["lead", *QUALITY_CODES], availability), ""]
+    parts += ["## Lead availability (ok records)", "", markdown_table(["lead", *QUALITY_CODES], availability), ""]
     amplitude, noise = _per_lead(ok["lead_amplitude_mv"].to_pylist()), _per_lead(ok["lead_noise_mv"].to_pylist())
 
     def spread(values: np.ndarray) -> str:
@@ -86,7 +87,7 @@ def source_report(source: str, manifest: pa.Table, labels: list[list[str]], vers
         return f"{med:.3f} ({q1:.3f}-{q3:.3f})"
 
     parts += ["## Amplitude and noise per lead (median, IQR; mV)", "",
-              _table(["lead", "amplitude (1-99 %)", "noise"],
+              markdown_table(["lead", "amplitude (1-99 %)", "noise"],
                      [[lead, spread(amplitude[:, k]), spread(noise[:, k])] for k, lead in enumerate(LEADS)]), ""]
     durations = np.array([v for v in ok["duration_s"].to_pylist() if v is not None], float)
     rates = Counter(f"{v:g}" for v in ok["source_fs"].to_pylist() if v is not None)
@@ -94,12 +95,12 @@ def source_report(source: str, manifest: pa.Table, labels: list[list[str]], vers
         parts += ["## Duration and sampling rate", "",
                   f"Duration (s): min {durations.min():.1f}, median {np.median(durations):.1f}, "
                   f"max {durations.max():.1f}.", "",
-                  _table(["sampling rate (Hz)", "records"], sorted(rates.items(), key=lambda kv: float(kv[0]))), ""]
+                  markdown_table(["sampling rate (Hz)", "records"], sorted(rates.items(), key=lambda kv: float(kv[0]))), ""]
     counts = Counter(code for record_labels in labels for code in record_labels)
     unlabelled = sum(1 for record_labels in labels if not record_labels)
     parts += ["## Labels", "", f"{len(labels) - unlabelled} records labelled, {unlabelled} without labels.", ""]
     if counts:
-        parts += [_table(["label", "name", "records"], [[c, label_name(c), n] for c, n in counts.most_common(30)]), ""]
+        parts += [markdown_table(["label", "name", "records"], [[c, label_name(c), n] for c, n in counts.most_common(30)]), ""]
     return "\n".join(parts)
 
 

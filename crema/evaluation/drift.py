@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.preprocessing import StandardScaler
 
+from crema.data.signals import ALL_LEADS
 from crema.evaluation.bootstrap import BootstrapCI, bootstrap_ci
 from crema.evaluation.metrics import aggregate_by_record, macro_metric, per_class_auroc_weighted
 
@@ -130,7 +131,7 @@ def measure_drift(reference: Side, source: Side, *, n_permutations: int = 1000, 
                        mmd2, p_value, n_permutations)
 
 
-def embedding_map(reference: Side, source: Side, report: DriftReport, lead_set: str = "all") -> Figure:
+def embedding_map(reference: Side, source: Side, report: DriftReport, lead_set: str = ALL_LEADS) -> Figure:
     """Both sides on the first two principal components of the pooled, standardised embeddings."""
     z, y, _ = _pooled(reference, source)
     pca = PCA(n_components=2, random_state=0).fit(z)

@@ -28,7 +28,7 @@ from rich.console import Console
 from crema import tracking
 from crema.config import ConfigError, EmbedSettings, EncoderSpec, redact_uri
 from crema.data.catalog import dataset_sources
-from crema.data.report import write_report_section
+from crema.data.report import markdown_table, write_report_section
 from crema.data.signals import ALL_LEADS, lead_set_leads
 from crema.evaluation.drift import DriftReport, Side, embedding_map, measure_drift
 from crema.evaluation.embeddings import embedding_matrix
@@ -169,9 +169,8 @@ def report_section(results: list[DriftResult], encoder: str, tracking_uri: str) 
         "domain classifier's out-of-fold AUROC (0.5: indistinguishable; 95% patient-bootstrap CI) and an MMD "
         f"permutation test ({first.n_permutations} permutations), one record per patient. MLflow: "
         f"{redact_uri(tracking_uri)}.", "",
-        "| lead set | reference records | source records | domain AUROC [95% CI] | MMD² | p | verdict | MLflow run |",
-        "|---|---|---|---|---|---|---|---|",
-        *("| " + " | ".join(str(v) for v in row) + " |" for row in rows), ""])
+        markdown_table(["lead set", "reference records", "source records", "domain AUROC [95% CI]", "MMD²", "p",
+                        "verdict", "MLflow run"], rows), ""])
 
 
 def print_report(results: list[DriftResult], tracking_uri: str | None) -> None:
