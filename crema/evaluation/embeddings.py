@@ -35,7 +35,7 @@ def embedding_schema(dim: int) -> pa.Schema:
 @torch.no_grad()
 def embed_windows(encoder: SiTEncoder, windows: pa.Table, *, batch_size: int = 64,
                   device: torch.device | None = None, precision: str = "auto") -> np.ndarray:
-    """(n, D) float32 pooled embeddings of a table holding `signal`, `lead_mask` and `fs`, in row order,
+    """(n, 2 x D) float32 representations (:meth:`SiTEncoder.embed`) of a table holding `signal`, `lead_mask` and `fs`, in row order,
     the windows conditioned as the encoder's pretraining conditioned them."""
     device = device or next(encoder.parameters()).device
     dtype = autocast_dtype(precision, device)
@@ -46,7 +46,7 @@ def embed_windows(encoder: SiTEncoder, windows: pa.Table, *, batch_size: int = 6
         with autocast(device, dtype):
             out.append(encoder.embed(x, lead_mask).float().cpu().numpy())
     if not out:
-        return np.zeros((0, encoder.embed_dim), dtype=np.float32)
+        return np.zeros((0, encoder.representation_dim), dtype=np.float32)
     return np.concatenate(out)
 
 

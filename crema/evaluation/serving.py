@@ -41,10 +41,10 @@ def _in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: tor
 
 
 def embed(encoder: SiTEncoder, model_input, params: Mapping | None = None) -> np.ndarray:
-    """(n, D) float32 embeddings: the mean of the present leads' SEP tokens."""
+    """(n, 2 x D) float32 representations: the SEP and patch means of :meth:`SiTEncoder.embed`."""
     x, mask = model_inputs(model_input, params, encoder)
     out = _in_batches(encoder.embed, x, mask, params)
-    return torch.cat(out).numpy() if out else np.zeros((0, encoder.embed_dim), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, encoder.representation_dim), np.float32)
 
 
 def classify(model: torch.nn.Module, classes: Sequence[str], model_input, params: Mapping | None = None) -> pd.DataFrame:

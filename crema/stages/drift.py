@@ -187,7 +187,9 @@ def print_report(results: list[DriftResult], tracking_uri: str | None) -> None:
         verdict = "[red]a measurable shift[/red]: both statistics tell the sides apart" if r.shifted else \
             "[green]no measurable shift[/green] (the AUROC's CI reaches 0.5, or the MMD is not significant)"
         console.print(f"  verdict: {verdict}")
-        console.print(f"  MLflow run {result.run_id}: {tracking.browse_hint(uri, result.run_id)}", soft_wrap=True)
+        console.print(f"  MLflow run {result.run_id}")
+    if results:  # every lead set's run is in the one crema-drift experiment
+        console.print(f"MLflow: {tracking.browse_hint(uri, results[-1].run_id)}", soft_wrap=True)
 
 
 def main(

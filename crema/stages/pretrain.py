@@ -538,8 +538,9 @@ def save_checkpoint(worker: Worker, metrics: dict) -> None:
 def log_reconstruction(model, window: dict, device: torch.device, epoch: int, seed: int) -> None:
     """The fixed validation ECG against the model's masked reconstruction, as a figure in MLflow."""
     model.eval()
-    x = torch.from_numpy(window["x"]).to(device)
-    lead_mask = torch.from_numpy(window["lead_mask"]).to(device)
+    # torch.tensor copies: the window is a read-only view of Ray's batch
+    x = torch.tensor(window["x"], device=device)
+    lead_mask = torch.tensor(window["lead_mask"], device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         recon, masked = model.reconstruct(x, lead_mask, generator=generator)
@@ -555,7 +556,7 @@ def _finish_tracking(model: CREMA, cfg: PretrainConfig) -> None:
         save_encoder(model, local)
         copy_to_storage(local, encoder_uri(cfg), cfg.storage_options)
         tracking.close_training_run(local, encoder_uri(cfg), model.encoder.cfg.window_samples,
-                                    model.encoder.embed_dim)
+                                    model.encoder.representation_dim)
 
 
 def _shuffle_seed(seed: int, position: Position, rank: int) -> int:

@@ -38,6 +38,7 @@ from crema.evaluation.embeddings import embedding_matrix
 from crema.evaluation.encoders import build_task_encoder
 from crema.evaluation.features import FEATURES_ID
 from crema.evaluation.lead_sets import hide_leads, lead_set_suffix
+from crema.model.network import REPRESENTATION
 from crema.evaluation.probe import DEFAULT_CS, LinearProbe, fit_converged_probe, predict_probe, train_probe
 from crema.evaluation.tasks import (META_COLUMNS, SIGNAL_COLUMNS, LabelledWindows, label_fraction_subset, split_roles,
                                     task_sources)
@@ -71,9 +72,10 @@ def read_task_windows(task: TaskConfig, sources: list[str], version: str | None 
 
 
 def embeddings_key(blob: bytes | None, dataset_tags: dict[str, str], sources: list[str]) -> str:
-    """Same encoder weights (None: the feature floor's formula), same dataset content, same sources: same
-    embeddings."""
-    weights = FEATURES_ID if blob is None else safe_files.content_digest(blob).encode()  # see content_digest
+    """Same encoder weights and representation (None: the feature floor's formula), same dataset content, same
+    sources: same embeddings."""
+    weights = FEATURES_ID if blob is None else (safe_files.content_digest(blob)  # see content_digest
+                                                 + REPRESENTATION).encode()
     digest = hashlib.sha256(weights)
     digest.update(json.dumps([dataset_tags["dataset"], dataset_tags.get(TAG_DATASET_VERSION), sorted(sources)])
                   .encode())

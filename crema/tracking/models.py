@@ -38,18 +38,18 @@ def _requirements() -> list[str]:
     return [f"crema=={crema_version}", f"torch>={torch.__version__.split('+')[0]}"]
 
 
-def log_encoder_model(encoder_file: str | Path, window_samples: int, embed_dim: int, name: str = "encoder"):
+def log_encoder_model(encoder_file: str | Path, window_samples: int, representation_dim: int, name: str = "encoder"):
     """Log the encoder (a safetensors file of :func:`crema.train.artifacts.save_encoder`) to the active run
     as a pyfunc model with a signature: inputs ``x`` (n, 12, window_samples) float32 raw mV and ``lead_mask``
     (n, 12) bool, params ``fs`` (the windows' rate, for conditioning) and ``batch_size``, output the
-    (n, embed_dim) float32 embeddings."""
+    (n, representation_dim) float32 representations (SiTEncoder.embed)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 12, window_samples), "x"),
                        TensorSpec(np.dtype(np.bool_), (-1, 12), "lead_mask")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), "embedding")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, representation_dim), "embedding")]),
         params=ParamSchema([ParamSpec("fs", "double", 500.0), ParamSpec("batch_size", "long", 256)]))
     return mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_MODELS / "encoder_model.py"),
                                    artifacts={"encoder": str(encoder_file)}, signature=signature,

@@ -187,9 +187,9 @@ def open_training_run(run_name: str, experiment: str, tracking_uri: str, public_
         mlflow.log_metric(METRIC_RESUMED_FROM_STEP, resumed_from_step, step=resumed_from_step)
 
 
-def close_training_run(encoder_file: str | Path, encoder_path: str, window_samples: int, embed_dim: int) -> None:
+def close_training_run(encoder_file: str | Path, encoder_path: str, window_samples: int, representation_dim: int) -> None:
     """Log the encoder as the pyfunc model "encoder", tag where its artifact is (lineage), end the run."""
-    log_encoder_model(encoder_file, window_samples, embed_dim)
+    log_encoder_model(encoder_file, window_samples, representation_dim)
     mlflow.set_tag(TAG_ENCODER_PATH, encoder_path)
     mlflow.flush_async_logging()
     mlflow.end_run()

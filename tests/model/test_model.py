@@ -91,7 +91,7 @@ def test_output_shapes(variant):
     assert out.loss.shape == out.terms["recon_loss"].shape == out.terms["contrastive_loss"].shape == ()
     assert model.forward_encoder(x, lead_mask, out.mask).shape == (4, 12, 1 + k, cfg.embed_dim)
     assert model.forward_encoder(x, lead_mask).shape == (4, 12, 1 + n, cfg.embed_dim)
-    assert model.embed(x, lead_mask).shape == (4, cfg.embed_dim)
+    assert model.embed(x, lead_mask).shape == (4, 2 * cfg.embed_dim)
     recon, hidden = model.reconstruct(x, lead_mask)
     assert recon.shape == hidden.shape == x.shape and hidden.dtype == torch.bool
     assert torch.isfinite(recon).all() and (recon[0, 2] == 0).all()
@@ -329,11 +329,26 @@ def test_embed_is_deterministic_and_per_window():
     x, lead_mask = batch_with_missing_leads()
     model.train()  # no dropout anywhere and drop_path=0: training mode must not add randomness
     first = model.embed(x, lead_mask)
-    assert first.shape == (4, 32)
+    assert first.shape == (4, model.encoder.representation_dim) == (4, 2 * 32)
     assert torch.equal(first, model.embed(x, lead_mask))
     alone = model.embed(x[:1], lead_mask[:1])
     torch.testing.assert_close(alone, first[:1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first[0], first[1])
+
+
+def test_representation_is_the_present_leads_sep_and_patch_means():
+    model = CREMA(small_config()).eval()
+    x, lead_mask = batch_with_missing_leads()
+    with torch.no_grad():
+        tokens = model.forward_encoder(x, lead_mask)                          # (B, 12, 1 + N, D)
+        z = model.embed(x, lead_mask)
+        for i in range(len(x)):
+            present = tokens[i][lead_mask[i]]                                  # (leads, 1 + N, D)
+            expected = torch.cat([present[:, 0].mean(0), present[:, 1:].mean(1).mean(0)])
+            torch.testing.assert_close(z[i], expected, rtol=1e-5, atol=1e-6)
+        # A missing lead's samples (and so its tokens) never reach the representation.
+        changed = torch.where(lead_mask[:, :, None], x, torch.randn_like(x))
+        assert torch.equal(model.embed(changed, lead_mask), z)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(conv_stem=True, pos_embed="learned", drop_path=0.1)])

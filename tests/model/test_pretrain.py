@@ -329,7 +329,7 @@ def test_dataset_checkpoints_and_encoder_on_s3(windows_40, s3_server, ray_local,
     val = read_windows(str(windows_40), columns=MODEL_COLUMNS, filter=pc.field("split") == "val")
     batch = next(iter_table_batches(val, 2, encoder.cfg.input))
     with torch.no_grad():
-        assert encoder.embed(batch["x"], batch["lead_mask"]).shape == (2, SMALL_MODEL["embed_dim"])
+        assert encoder.embed(batch["x"], batch["lead_mask"]).shape == (2, 2 * SMALL_MODEL["embed_dim"])
     run_info = MlflowClient(cfg.tracking.tracking_uri).get_run(result.mlflow_run_id)
     assert run_info.data.tags["dataset"] == "s3://pretrain/dataset"
     assert run_info.data.tags["dataset_sources"] == "ptbxl" and "val_loss" in run_info.data.metrics

@@ -147,14 +147,14 @@ def test_encoder_artifact_round_trips_and_serves_as_an_mlflow_pyfunc(tmp_path):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=tracking.ensure_experiment("pyfunc-test", uri))
     with mlflow.start_run():
-        info = tracking.log_encoder_model(path, window_samples=500, embed_dim=32)
+        info = tracking.log_encoder_model(path, window_samples=500, representation_dim=encoder.representation_dim)
     model = mlflow.pyfunc.load_model(info.model_uri)
     got = model.predict({"x": x.numpy(), "lead_mask": mask.numpy()}, params={"fs": 250.0})
-    assert got.shape == (3, 32) and got.dtype == np.float32
+    assert got.shape == (3, 64) and got.dtype == np.float32  # the SEP and patch means of 32-wide tokens
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
     signature = model.metadata.signature
     assert [s.name for s in signature.inputs.inputs] == ["x", "lead_mask"]
-    assert signature.outputs.inputs[0].shape == (-1, 32)
+    assert signature.outputs.inputs[0].shape == (-1, 64)
     local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model"))
     assert "crema==" in open(os.path.join(local, "requirements.txt")).read()
     # No pickle anywhere in the logged model: code as a .py file, weights as safetensors.
