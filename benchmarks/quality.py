@@ -365,8 +365,7 @@ def main() -> None:
         test, probe = score(corpus, z)
         arms.append(Arm(name, None, test, probe, z=z, path=path))
         print(f"  {arms[-1].label}: test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], "
-              f"val {probe.val_macro_auroc:.3f}",
-              flush=True)
+              f"val {probe.val_macro_auroc:.3f}", flush=True)
     crema_weight = base.contrastive_weight if args.contrastive_weight is None else args.contrastive_weight
     for name, update in (("mae", {"contrastive_weight": 0.0}),
                          ("crema", {"contrastive_weight": crema_weight, **settings(args.crema)})):

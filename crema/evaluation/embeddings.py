@@ -35,8 +35,8 @@ def embedding_schema(dim: int) -> pa.Schema:
 @torch.no_grad()
 def embed_windows(encoder: SiTEncoder, windows: pa.Table, *, batch_size: int = 64,
                   device: torch.device | None = None, precision: str = "auto") -> np.ndarray:
-    """(n, 2 x D) float32 representations (:meth:`SiTEncoder.embed`) of a table holding `signal`, `lead_mask` and `fs`, in row order,
-    the windows conditioned as the encoder's pretraining conditioned them."""
+    """(n, 2 x D) float32 representations (:meth:`SiTEncoder.embed`) of a table holding `signal`, `lead_mask`
+    and `fs`, in row order, the windows conditioned as the encoder's pretraining conditioned them."""
     device = device or next(encoder.parameters()).device
     dtype = autocast_dtype(precision, device)
     encoder.eval()
