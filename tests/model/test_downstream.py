@@ -225,7 +225,7 @@ def test_ray_data_embeddings_match_the_plain_loop_and_differ_from_random_init(pr
     (_,), random_init = embeddings_of(workdir, "random_init")
     windows = read_windows(str(dataset), columns=[*SIGNAL_COLUMNS, *META_COLUMNS])
     assert crema.num_rows == random_init.num_rows == windows.num_rows  # every window of both sources, once
-    assert crema.schema.field("embedding").type.list_size == TINY["embed_dim"]
+    assert crema.schema.field("embedding").type.list_size == 2 * TINY["embed_dim"]  # the SEP and patch means
 
     def by_window(table):
         keys = [f"{k}#{w}" for k, w in zip(record_keys(table), table["window_index"].to_pylist())]

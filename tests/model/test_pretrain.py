@@ -232,7 +232,7 @@ def test_lost_worker_then_rerun_resumes_from_checkpoint_in_the_same_mlflow_run(w
     batch = next(iter_table_batches(val, 4, encoder.cfg.input))
     with torch.no_grad():
         embedding = encoder.embed(batch["x"], batch["lead_mask"])
-    assert embedding.shape == (4, SMALL_MODEL["embed_dim"]) and torch.isfinite(embedding).all()
+    assert embedding.shape == (4, 2 * SMALL_MODEL["embed_dim"]) and torch.isfinite(embedding).all()
 
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/encoder")  # safetensors + model code, no pickle
