@@ -110,7 +110,7 @@ def loader_only(cfg: PretrainConfig, epochs: int = 3) -> float:
     for epoch in range(epochs):
         started = time.perf_counter()
         n = sum(len(b["x"]) for b in shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(),
+            batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(cfg.model.input),
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches))
         if epoch > 0:  # the first pass pays for starting the read tasks
             rows += n
@@ -148,7 +148,7 @@ def accelerator_run(cfg: PretrainConfig, device: torch.device, steps: int = 40, 
     def endless() -> Iterator:
         while True:
             yield from dataset.iter_torch_batches(
-                batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(),
+                batch_size=cfg.data.batch_size, drop_last=True, collate_fn=WindowCollate(cfg.model.input),
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
 

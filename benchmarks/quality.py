@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality [--steps 400] [--seeds 3] [--records 1999] [--arms ...] [--model KEY=VALUE ...]
                                  [--encoder NAME=PATH ...] [--fractions 0.01 0.1 1] [--draws 3] [--external ludb]
-                                 [--out benchmarks-output/quality]
+                                 [--finetune ARM ...] [--finetune-epochs 8] [--out benchmarks-output/quality]
 
 Data: the shared ``ptbxl/records100`` (1,999 records, 100 Hz, one 10-s window each), read by the product's
 WFDB reader and label mapping (``configs/sources/ptbxl.yaml``: the 5 diagnostic superclasses) and
@@ -29,11 +29,20 @@ lacks reported as such).
 Label efficiency (``--fractions``): every arm's probe is also fitted on a fraction of the training patients
 (whole patients, ``--draws`` different draws below 1, :func:`crema.evaluation.metrics.sample_label_fraction`),
 C still chosen on all of fold 9, and scored on fold 10: the mean and spread over seeds x draws, and the mean CI.
+
+Fine-tune (``--finetune ARM ...``): every encoder of those arms is also fine-tuned whole, with a head, at each
+fraction and draw, by the product's engine (:mod:`crema.train.engine_finetune`: layer-wise lr decay, drop path,
+warm-up and cosine, class-weighted BCE) with the recipe of the README's ``crema finetune`` runs; the epoch is
+chosen on fold 9, and fold 10 scored once with it. ``random_init`` fine-tuned is the same architecture trained
+from scratch (supervised). The rows join the label-efficiency table (method ``finetune``) and, at fraction 1,
+the cross-domain table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -59,9 +68,11 @@ from crema.evaluation.cross_domain import IN_DOMAIN, MACRO, ScoredRecords, cross
 from crema.evaluation.features import hand_made_features  # noqa: E402
 from crema.evaluation.metrics import macro_auroc, macro_metric, per_class_auroc_weighted, sample_label_fraction  # noqa: E402
 from crema.evaluation.probe import ConvergedProbe, fit_converged_probe  # noqa: E402
-from crema.model.network import CREMA, SiTEncoder  # noqa: E402
+from crema.model.network import CREMA, Classifier, SiTEncoder  # noqa: E402
 from crema.tracking import ensure_experiment, experiment_page  # noqa: E402
 from crema.train.artifacts import load_encoder  # noqa: E402
+from crema.train.engine_finetune import build_optimizer, multilabel_loss, predict, with_drop_path  # noqa: E402
+from crema.train.engine_finetune import train_one_epoch as finetune_one_epoch  # noqa: E402
 from crema.train.engine_pretrain import train_one_epoch  # noqa: E402
 from crema.train.optim import param_groups, warmup_cosine  # noqa: E402
 
@@ -72,6 +83,10 @@ WINDOW = 1000
 ARMS = ("features", "random_init", "mae", "crema")
 PTBXL = "ptbxl"
 EXTERNAL = "external"  # the split of another hospital's records: never trained or chosen on, scored by every arm
+PROBE, FINETUNE = "probe", "finetune"
+# The fine-tune recipe of the README's `crema finetune` runs (one trial of the task's search space)
+FINETUNE_RECIPE = {"lr": 5e-4, "weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1, "batch_size": 32,
+                   "warmup_epochs": 1, "clip_grad": 1.0}
 
 
 @dataclass
@@ -94,6 +109,7 @@ class Arm:
     losses: list[float] = field(default_factory=list)  # training recon loss per step
     z: np.ndarray | None = None  # the final embeddings (or features) of every record: the label-efficiency probes fit on them
     path: str | None = None  # of an encoder pretrained elsewhere
+    encoder: SiTEncoder | None = None  # what --finetune starts from (None: the feature floor)
 
     @property
     def val_auroc(self) -> float:
@@ -107,6 +123,7 @@ class Arm:
 @dataclass
 class FractionScore:
     arm: str
+    method: str  # PROBE (frozen encoder) or FINETUNE (the whole encoder and a head)
     run: str  # which of the arm's encoders (Arm.label): a seed, or an artifact's path
     fraction: float
     draw: int  # the seed of the patient draw (0 at fraction 1: all patients)
@@ -164,18 +181,28 @@ def score(corpus: Corpus, z: np.ndarray, train: np.ndarray | None = None
           ) -> tuple[tuple[float, float, float], ConvergedProbe]:
     """(test AUROC with CI, the converged probe) on embeddings/features `z`."""
     probe = fit_probe(corpus, z, train)
+    return test_auroc(corpus, probe.predict(z[corpus.split == "test"])), probe
+
+
+def test_auroc(corpus: Corpus, scores: np.ndarray) -> tuple[float, float, float]:
+    """(macro AUROC, low, high) of a model's `scores` of the test split, with its patient-bootstrap 95% CI."""
     test = corpus.split == "test"
-    ci = bootstrap_ci(macro_metric(per_class_auroc_weighted, range(len(CLASSES))), corpus.y[test],
-                      probe.predict(z[test]), corpus.patients[test], n_boot=1000)
-    return (ci.point, ci.low, ci.high), probe
+    ci = bootstrap_ci(macro_metric(per_class_auroc_weighted, range(len(CLASSES))), corpus.y[test], scores,
+                      corpus.patients[test], n_boot=1000)
+    return ci.point, ci.low, ci.high
 
 
-def cross_domain(corpus: Corpus, arm: Arm) -> pd.DataFrame:
-    """The arm's PTB-XL probe on PTB-XL's test fold and on every external record: the product's table."""
-    rows = np.isin(corpus.split, ["test", EXTERNAL])
+def scored_rows(corpus: Corpus) -> np.ndarray:
+    """The rows a cross-domain table scores: PTB-XL's test fold and every external record."""
+    return np.isin(corpus.split, ["test", EXTERNAL])
+
+
+def cross_domain(corpus: Corpus, arm: str, run: str, scores: np.ndarray) -> pd.DataFrame:
+    """The product's table of a model fitted on PTB-XL alone, from its `scores` of the scored_rows."""
+    rows = scored_rows(corpus)
     keys = np.array([f"{s}/{r}" for s, r in zip(corpus.source[rows], corpus.record_ids[rows])])
-    scored = ScoredRecords(keys, corpus.y[rows], corpus.patients[rows], arm.probe.predict(arm.z[rows]))
-    return cross_domain_table(scored, CLASSES, [PTBXL]).assign(arm=arm.name, run=arm.label)
+    scored = ScoredRecords(keys, corpus.y[rows], corpus.patients[rows], scores)
+    return cross_domain_table(scored, CLASSES, [PTBXL]).assign(arm=arm, run=run)
 
 
 def cross_domain_summary(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -223,7 +250,7 @@ def pretrain(name: str, cfg: ModelConfig, corpus: Corpus, x: torch.Tensor, seed:
             arm.curve.append((done, val))
             print(f"  {name} seed {seed} step {done}: recon {np.mean(arm.losses[-20:]):.3f}, val macro AUROC "
                   f"{val:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    arm.z = embed(model.encoder, x)
+    arm.z, arm.encoder = embed(model.encoder, x), model.encoder
     arm.test_auroc, arm.probe = score(corpus, arm.z)
     arm.curve.append((done, arm.val_auroc))
     test = arm.test_auroc
@@ -233,32 +260,95 @@ def pretrain(name: str, cfg: ModelConfig, corpus: Corpus, x: torch.Tensor, seed:
     return arm
 
 
+def training_draws(corpus: Corpus, fractions: list[float], draws: int):
+    """(fraction, draw, train rows): all of the training patients at fraction 1, `draws` patient draws below."""
+    train = np.flatnonzero(corpus.split == "train")
+    for fraction in fractions:
+        for draw in range(1 if fraction == 1.0 else draws):
+            rows = np.zeros(len(corpus.split), dtype=bool)
+            rows[train if fraction == 1.0 else sample_label_fraction(train, corpus.patients[train], fraction, seed=draw)] = True
+            yield fraction, draw, rows
+
+
 def label_efficiency(corpus: Corpus, arms: list[Arm], fractions: list[float], draws: int) -> list[FractionScore]:
     """Every arm's probe on `fractions` of the training patients, `draws` patient draws below 1."""
-    train = np.flatnonzero(corpus.split == "train")
     scores = []
     for arm in arms:
-        for fraction in fractions:
+        for fraction, draw, rows in training_draws(corpus, fractions, draws):
             if fraction == 1.0:
-                scores.append(FractionScore(arm.name, arm.label, 1.0, 0, arm.test_auroc, arm.val_auroc))
+                scores.append(FractionScore(arm.name, PROBE, arm.label, 1.0, 0, arm.test_auroc, arm.val_auroc))
                 continue
-            for draw in range(draws):
-                rows = np.zeros(len(corpus.split), dtype=bool)
-                rows[sample_label_fraction(train, corpus.patients[train], fraction, seed=draw)] = True
-                test, probe = score(corpus, arm.z, rows)
-                val = probe.val_macro_auroc
-                scores.append(FractionScore(arm.name, arm.label, fraction, draw, test, val))
-                print(f"  {arm.label} @ {fraction:g} draw {draw} ({rows.sum()} records): test macro "
-                      f"AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], val {val:.3f}", flush=True)
+            test, probe = score(corpus, arm.z, rows)
+            val = probe.val_macro_auroc
+            scores.append(FractionScore(arm.name, PROBE, arm.label, fraction, draw, test, val))
+            print(f"  {arm.label} @ {fraction:g} draw {draw} ({rows.sum()} records): test macro "
+                  f"AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], val {val:.3f}", flush=True)
     return scores
+
+
+def finetune(corpus: Corpus, encoder: SiTEncoder, train: np.ndarray, epochs: int, seed: int
+             ) -> tuple[float, np.ndarray]:
+    """Fine-tune `encoder` and a head on the `train` rows for `epochs`, keep the epoch with the best val macro
+    AUROC (fold 9); returns (that AUROC, its class probabilities of every record)."""
+    recipe = FINETUNE_RECIPE
+    x = torch.from_numpy(condition(corpus.raw, np.ones(corpus.raw.shape[:2], dtype=bool), FS, encoder.cfg.input))
+    y = torch.from_numpy(corpus.y.astype(np.float32))
+    val = corpus.split == "val"
+    cpu = torch.device("cpu")
+
+    def batches(rows: np.ndarray, shuffle: torch.Generator | None = None):
+        index = torch.from_numpy(np.flatnonzero(rows))
+        if shuffle is not None:
+            index = index[torch.randperm(len(index), generator=shuffle)]
+        for part in index.split(recipe["batch_size"]):
+            yield {"x": x[part], "lead_mask": torch.ones(len(part), N_LEADS, dtype=torch.bool), "y": y[part]}
+
+    torch.manual_seed(seed)
+    model = Classifier(with_drop_path(encoder, recipe["drop_path"]), len(CLASSES))
+    optimizer = build_optimizer(model, lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                                layer_decay=recipe["layer_decay"])
+    steps_per_epoch = math.ceil(train.sum() / recipe["batch_size"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(recipe["warmup_epochs"] * steps_per_epoch, epochs * steps_per_epoch))
+    loss_fn = multilabel_loss(corpus.y[train])
+    shuffle = torch.Generator().manual_seed(seed)
+    best_val, best_state = -math.inf, None
+    for _ in range(epochs):
+        finetune_one_epoch(model, batches(train, shuffle), optimizer, scheduler, loss_fn, device=cpu,
+                           clip_grad=recipe["clip_grad"])
+        val_auroc = macro_auroc(corpus.y[val], predict(model, batches(val), device=cpu)).value
+        if val_auroc > best_val:
+            best_val, best_state = val_auroc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return best_val, predict(model, batches(np.ones(len(corpus.y), dtype=bool)), device=cpu)
+
+
+def finetune_arms(corpus: Corpus, arms: list[Arm], fractions: list[float], draws: int, epochs: int
+                  ) -> tuple[list[FractionScore], list[pd.DataFrame]]:
+    """Every given arm's encoders fine-tuned at every fraction and draw: their scores, and at fraction 1 their
+    cross-domain tables (when there are external records)."""
+    scores, tables = [], []
+    for arm in arms:
+        for fraction, draw, rows in training_draws(corpus, fractions, draws):
+            started = time.perf_counter()
+            val, probabilities = finetune(corpus, arm.encoder, rows, epochs, seed=draw)
+            test = test_auroc(corpus, probabilities[corpus.split == "test"])
+            scores.append(FractionScore(arm.name, FINETUNE, arm.label, fraction, draw, test, val))
+            print(f"  {arm.label} fine-tuned @ {fraction:g} draw {draw} ({rows.sum()} records, {epochs} epochs): "
+                  f"test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], val {val:.3f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            if fraction == 1.0 and (corpus.split == EXTERNAL).any():
+                tables.append(cross_domain(corpus, f"{arm.name}-{FINETUNE}", arm.label,
+                                           probabilities[scored_rows(corpus)]))
+    return scores, tables
 
 
 def fraction_summary(scores: list[FractionScore]) -> list[dict]:
     rows = []
-    for arm, fraction in dict.fromkeys((s.arm, s.fraction) for s in scores):
-        mine = [s for s in scores if (s.arm, s.fraction) == (arm, fraction)]
+    for arm, method, fraction in dict.fromkeys((s.arm, s.method, s.fraction) for s in scores):
+        mine = [s for s in scores if (s.arm, s.method, s.fraction) == (arm, method, fraction)]
         points = np.array([s.test_auroc[0] for s in mine])
-        rows.append({"arm": arm, "fraction": fraction, "probes": len(mine),
+        rows.append({"arm": arm, "method": method, "fraction": fraction, "runs": len(mine),
                      "encoders": len({s.run for s in mine}), "draws": len({s.draw for s in mine}),
                      "test_macro_auroc": float(points.mean()),
                      "sd": float(points.std(ddof=1)) if len(mine) > 1 else 0.0,
@@ -321,6 +411,10 @@ def main() -> None:
     parser.add_argument("--external", nargs="+", default=[], metavar="SOURCE",
                         help="other hospitals to score every arm's PTB-XL probe on (configs/sources/SOURCE.yaml, "
                              "read from <shared>/SOURCE), e.g. ludb")
+    parser.add_argument("--finetune", nargs="+", default=[], metavar="ARM",
+                        help="arms whose encoders are also fine-tuned at every fraction, e.g. crema random_init "
+                             "(random_init fine-tuned: supervised from scratch)")
+    parser.add_argument("--finetune-epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks-output" / "quality")
     args = parser.parse_args()
     if any(not 0 < f <= 1 for f in args.fractions):
@@ -328,6 +422,10 @@ def main() -> None:
     if any("=" not in item for item in args.encoder):
         parser.error(f"--encoder takes NAME=PATH, got {args.encoder}")
     pretrained = [tuple(item.split("=", 1)) for item in args.encoder]  # a name given twice: two seeds of one arm
+    tunable = {*args.arms, *(name for name, _ in pretrained)} - {"features"}
+    if set(args.finetune) - tunable:
+        parser.error(f"--finetune takes arms this run has, other than features ({', '.join(sorted(tunable))}); "
+                     f"got {args.finetune}")
     shared = Path(os.environ.get("CREMA_SHARED_DATA", REPO.parent / "shared" / "data"))
     if not (shared / "ptbxl" / "records100").is_dir():
         raise SystemExit(f"no PTB-XL records100 under {shared} (set CREMA_SHARED_DATA)")
@@ -354,16 +452,17 @@ def main() -> None:
         print(f"  features: test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}]", flush=True)
     for seed in range(args.seeds if "random_init" in args.arms else 0):
         torch.manual_seed(seed)
-        z = embed(CREMA(base).encoder, x)
+        encoder = CREMA(base).encoder
+        z = embed(encoder, x)
         test, probe = score(corpus, z)
-        arms.append(Arm("random_init", seed, test, probe, z=z))
+        arms.append(Arm("random_init", seed, test, probe, z=z, encoder=encoder))
         print(f"  random_init seed {seed}: test macro AUROC {test[0]:.3f}", flush=True)
     for name, path in pretrained:
         encoder = load_encoder(path)
         conditioned = condition(corpus.raw, np.ones(corpus.raw.shape[:2], dtype=bool), FS, encoder.cfg.input)
         z = embed(encoder, torch.from_numpy(conditioned))
         test, probe = score(corpus, z)
-        arms.append(Arm(name, None, test, probe, z=z, path=path))
+        arms.append(Arm(name, None, test, probe, z=z, path=path, encoder=encoder))
         print(f"  {arms[-1].label}: test macro AUROC {test[0]:.3f} [{test[1]:.3f}, {test[2]:.3f}], "
               f"val {probe.val_macro_auroc:.3f}", flush=True)
     crema_weight = base.contrastive_weight if args.contrastive_weight is None else args.contrastive_weight
@@ -387,21 +486,29 @@ def main() -> None:
     for arm in arms:
         if arm.curve:
             print(f"  {arm.name:<6} seed {arm.seed}: " + ", ".join(f"{s}: {a:.3f}" for s, a in arm.curve))
-    fraction_rows = []
-    if args.fractions != [1.0]:
-        fraction_rows = fraction_summary(label_efficiency(corpus, arms, args.fractions, args.draws))
-        print(f"\nlabel efficiency: the converged probe on a fraction of the training patients (folds 1-8), C chosen "
-              f"on fold 9, test fold 10; mean ± sd over the arm's encoders x {args.draws} patient draws, mean 95% CI")
-        print(f"{'arm':<12} {'fraction':>8} {'probes':>6} {'test macro AUROC':>17} {'sd':>6} {'mean 95% CI':>18} "
-              f"{'val':>7}")
+    fraction_rows, finetune_tables = [], []
+    if args.fractions != [1.0] or args.finetune:
+        fraction_scores = label_efficiency(corpus, arms, args.fractions, args.draws)
+        finetune_scores, finetune_tables = finetune_arms(corpus, [a for a in arms if a.name in args.finetune],
+                                                         args.fractions, args.draws, args.finetune_epochs)
+        fraction_rows = fraction_summary(fraction_scores + finetune_scores)
+        print(f"\nlabel efficiency: the converged probe, or {args.finetune_epochs} epochs of fine-tuning (random_init "
+              f"fine-tuned: supervised from scratch), on a fraction of the training patients (folds 1-8), C or the "
+              f"epoch chosen on fold 9, test fold 10; mean ± sd over the arm's encoders x {args.draws} patient draws "
+              f"below 1, mean 95% CI")
+        print(f"{'arm':<12} {'method':<8} {'fraction':>8} {'runs':>5} {'test macro AUROC':>17} {'sd':>6} "
+              f"{'mean 95% CI':>18} {'val':>7}")
         for r in fraction_rows:
-            print(f"{r['arm']:<12} {r['fraction']:>8g} {r['probes']:>6} {r['test_macro_auroc']:>17.3f} {r['sd']:>6.3f} "
-                  f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['val_macro_auroc']:>7.3f}")
+            print(f"{r['arm']:<12} {r['method']:<8} {r['fraction']:>8g} {r['runs']:>5} {r['test_macro_auroc']:>17.3f} "
+                  f"{r['sd']:>6.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['val_macro_auroc']:>7.3f}")
     domain_tables, domain_rows = [], pd.DataFrame()
     if args.external:
-        domain_tables = [cross_domain(corpus, arm) for arm in arms]
+        scored = scored_rows(corpus)
+        domain_tables = [cross_domain(corpus, arm.name, arm.label, arm.probe.predict(arm.z[scored])) for arm in arms]
+        domain_tables += finetune_tables
         domain_rows = cross_domain_summary(domain_tables)
-        print(f"\ncross-domain: the probe fitted on PTB-XL (folds 1-8, C on fold 9), scored on PTB-XL fold 10 and "
+        print(f"\ncross-domain: the probe (and an ARM-finetune model) fitted on PTB-XL (folds 1-8, C or the epoch on "
+              f"fold 9), scored on PTB-XL fold 10 and "
               f"on every record of {', '.join(args.external)}; macro over the classes a source has, mean over the "
               f"arm's encoders (sd), mean 95% patient-bootstrap CI; per class in {args.out / 'cross_domain.csv'}")
         print(f"{'arm':<12} {'source':<8} {'encoders':>8} {'macro AUROC':>12} {'sd':>6} {'mean 95% CI':>18} {'drop':>7}")
@@ -422,7 +529,7 @@ def main() -> None:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "quality_table.json")
         if fraction_rows:
             mlflow.log_table({k: [r[k] for r in fraction_rows] for k in fraction_rows[0]}, "label_efficiency.json")
-            mlflow.log_metrics({f"{r['arm']}_f{r['fraction']:g}_test_macro_auroc": r["test_macro_auroc"]
+            mlflow.log_metrics({f"{r['arm']}_{r['method']}_f{r['fraction']:g}_test_macro_auroc": r["test_macro_auroc"]
                                 for r in fraction_rows})
         if domain_tables:
             mlflow.log_artifact(str(args.out / "cross_domain.csv"))
