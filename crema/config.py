@@ -504,6 +504,10 @@ class PretrainData(Schema):
     batch_size: int = Field(64, ge=1)  # per worker and micro-batch; the global batch is × workers × accum_steps
     shuffle_buffer: int = Field(2048, ge=0)  # rows in each worker's local shuffle buffer; 0: no shuffling
     prefetch_batches: int = Field(2, ge=0)
+    # Read and decode each split once into Ray's object store, so that an epoch streams from memory instead of
+    # restarting the read tasks (measured: the restart was ~15% of a 49-step epoch on 2 cores). Only for a
+    # dataset that fits in the object store.
+    materialize: bool = False
     storage_options: dict = Field(default_factory=dict)  # fsspec options for reading the dataset's metadata
 
 

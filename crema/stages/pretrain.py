@@ -209,6 +209,8 @@ def read_split(cfg: PretrainConfig, split: str, version: str | None = None) -> r
     default the current one): partition pruning skips other splits' files unopened."""
     data = read_windows_table(cfg.data.dataset, cfg.data.storage_options, EqualTo("split", split), MODEL_COLUMNS,
                               version)
+    if cfg.data.materialize:
+        data = data.materialize()
     # A new block order every epoch (every execution); the workers' buffers shuffle rows.
     return data.randomize_block_order() if split == "train" else data
 

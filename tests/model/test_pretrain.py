@@ -140,6 +140,23 @@ def test_presets_validate():
     assert base.precision == "bf16"
 
 
+def test_a_materialized_split_is_read_once_then_every_epoch_streams_it_from_memory(ptbxl_root, ray_local, tmp_path):
+    import shutil
+
+    from crema.stages.pretrain import read_split
+
+    dataset = write_ptbxl_windows(ptbxl_root, tmp_path / "dataset", n_records=12, window_s=WINDOW_S)
+    train_ids = set(read_windows(str(dataset), columns=["record_id"], filter=pc.field("split") == "train")
+                    ["record_id"].to_pylist())
+    streamed = read_split(pretrain_config(dataset, tmp_path), "train")
+    cached = read_split(pretrain_config(dataset, tmp_path, data=dict(dataset=str(dataset), materialize=True)), "train")
+    shutil.rmtree(dataset)  # the files are gone: only a split already in the object store can still be read
+    for _ in range(2):
+        assert {row["record_id"] for row in cached.iter_rows()} == train_ids
+    with pytest.raises(Exception, match="No such file|not found|does not exist"):
+        streamed.take_all()
+
+
 def pretrain_config(dataset: Path, tmp_path: Path, **changes) -> PretrainConfig:
     data = dict(
         name="resume-drill",
